@@ -1,0 +1,39 @@
+# Everything a fresh machine needs: `make test` (build + all tests), `make bench`
+# (the MoE reload benchmark). Both create the virtual environment on first use,
+# reusing an already installed torch (the system site packages are visible) or
+# installing $(TORCH).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+CMAKE_BUILD := build/cmake
+JOBS ?= $(shell nproc)
+
+.PHONY: test bench install pytest ctest clean
+
+$(VENV)/.ready: pyproject.toml Makefile
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install "setuptools>=64" wheel ninja "pytest>=8" "hypothesis>=6" numpy
+	touch $@
+
+install: $(VENV)/.ready
+	MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+
+ctest: $(VENV)/.ready
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CMAKE_BUILD) -j $(JOBS)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+pytest: install
+	$(PY) -m pytest tests -q
+
+test: install ctest pytest
+
+bench: install
+	$(PY) benchmarks/reload_moe.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build $(VENV) fastreload/_C*.so *.egg-info

@@ -1,0 +1,51 @@
+// CPU backend of batched_copy_: every fused chunk of the batch in one parallel pass.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../copy_pairs.h"
+#include "../copy_plan.h"
+
+namespace fastreload {
+namespace {
+
+// Large enough that a chunk's bookkeeping is noise, small enough to balance threads.
+constexpr int64_t kCpuChunkBytes = int64_t{1} << 18;
+// Below this many bytes a batch is copied on the calling thread.
+constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
+
+void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
+  check_pairs(dst, src);
+  const DescribedBatch batch = describe_pairs(dst, src);
+  const std::vector<CopyChunk> chunks =
+      plan_chunks(batch.fused.data(), static_cast<int64_t>(batch.fused.size()), kCpuChunkBytes);
+
+  // Threads split the batch by bytes, not by chunk count: a chunk belongs to the
+  // thread whose byte range holds its first byte.
+  std::vector<int64_t> starts(chunks.size() + 1, 0);
+  for (const auto c : c10::irange(chunks.size())) {
+    const CopyChunk& chunk = chunks[c];
+    starts[c + 1] = starts[c] + (chunk.end - chunk.begin) * chunk_elem_bytes(batch.fused[chunk.desc]);
+  }
+  at::parallel_for(0, starts.back(), kMinBytesPerThread, [&](int64_t lo, int64_t hi) {
+    auto c = std::lower_bound(starts.begin(), starts.end() - 1, lo) - starts.begin();
+    for (; c < static_cast<int64_t>(chunks.size()) && starts[c] < hi; ++c) {
+      const CopyChunk& chunk = chunks[c];
+      copy_chunk(batch.fused[chunk.desc], chunk.begin, chunk.end, /*lane=*/0, /*lanes=*/1);
+    }
+  });
+
+  for (const int64_t i : batch.fallback) dst[i].copy_(src[i]);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreload, CPU, m) {
+  m.impl("batched_copy_", &batched_copy_cpu);
+}
+
+}  // namespace fastreload

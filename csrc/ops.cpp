@@ -1,0 +1,27 @@
+// The fastreload operator library: every schema, declared once. Kernels live
+// beside it, one registration per backend (cpu/, cuda/) or, for metadata-only
+// ops, one CompositeExplicitAutograd kernel for all devices.
+
+#include <torch/library.h>
+
+#ifdef TORCH_EXTENSION_NAME
+#include <Python.h>
+
+// Importing fastreload._C loads this library and so runs the registrations
+// below; the module itself exposes nothing: the ops live under torch.ops.fastreload.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
+
+TORCH_LIBRARY(fastreload, m) {
+  // [N] int64: each tensor's untyped storage address; 0 where there are no bytes (meta, empty).
+  m.def("storage_ptrs(Tensor[] tensors) -> Tensor");
+  // [N] bool: whether each tensor shares its storage with any tensor of `against`.
+  m.def("storage_alias_mask(Tensor[] tensors, Tensor[] against) -> Tensor");
+  // [N] int8: why batched_copy_ would refuse each pair (0: it would not); codes in copy_pairs.h.
+  m.def("batched_copy_check(Tensor[] dst, Tensor[] src) -> Tensor");
+  // dst[i] <- src[i] for every pair, dtype converted, in one fused pass; nothing written on error.
+  m.def("batched_copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
+}

@@ -1,0 +1,204 @@
+// Host tests of the batched copy's planner and per-chunk routine: the code the
+// CUDA kernel runs, executed here one lane at a time. Also drives the registered
+// op through the dispatcher, as a C++ caller would.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "copy_pairs.h"
+#include "copy_plan.h"
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond, ...)                                              \
+  do {                                                                 \
+    if (!(cond)) {                                                     \
+      ++failures;                                                      \
+      std::fprintf(stderr, "%s:%d: expected %s ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                               \
+      std::fprintf(stderr, "\n");                                      \
+    }                                                                  \
+  } while (0)
+
+using fastreload::CopyChunk;
+using fastreload::CopyDesc;
+using fastreload::ElemKind;
+
+// Runs a chunk the way a CUDA block does: every lane of `lanes` over the same chunk.
+void run_chunk(const CopyDesc& d, const CopyChunk& c, int64_t lanes) {
+  for (int64_t lane = 0; lane < lanes; ++lane) fastreload::copy_chunk(d, c.begin, c.end, lane, lanes);
+}
+
+void test_plan_covers_every_element_once() {
+  std::mt19937 rng(0);
+  for (int64_t count : {0, 1, 7, 1000, 100000}) {
+    std::vector<CopyDesc> descs(count);
+    for (auto& d : descs) {
+      const bool convert = rng() % 3 == 0;
+      d = CopyDesc{nullptr, nullptr, static_cast<int64_t>(rng() % 5000),
+                   convert ? ElemKind::kF32 : ElemKind::kBytes,
+                   convert ? ElemKind::kBF16 : ElemKind::kBytes};
+    }
+    for (int64_t budget : {1, 16, 1000, 1 << 16}) {
+      if (count == 100000 && budget < 1000) continue;  // tens of millions of chunks: no new case
+      const auto chunks = fastreload::plan_chunks(descs.data(), count, budget);
+      std::vector<int64_t> next(count, 0);
+      bool ordered = true;
+      for (const CopyChunk& c : chunks) {
+        ordered = ordered && c.begin == next[c.desc] && c.end > c.begin &&
+                  (c.end - c.begin) * fastreload::chunk_elem_bytes(descs[c.desc]) <=
+                      std::max<int64_t>(budget, fastreload::chunk_elem_bytes(descs[c.desc]));
+        next[c.desc] = c.end;
+      }
+      bool complete = true;
+      for (int64_t i = 0; i < count; ++i) complete = complete && next[i] == descs[i].numel;
+      EXPECT(ordered, "chunks in order, non-empty and within budget (count %ld, budget %ld)",
+             (long)count, (long)budget);
+      EXPECT(complete, "every element planned (count %ld, budget %ld)", (long)count, (long)budget);
+    }
+  }
+}
+
+void test_byte_copies_every_alignment() {
+  std::vector<char> src(256), dst(256);
+  std::iota(src.begin(), src.end(), 1);
+  for (int src_offset = 0; src_offset < 16; ++src_offset) {
+    for (int dst_offset = 0; dst_offset < 16; ++dst_offset) {
+      for (int64_t n : {0, 1, 3, 15, 16, 17, 31, 64, 100, 200}) {
+        for (int64_t lanes : {1, 4, 32}) {
+          std::fill(dst.begin(), dst.end(), 0);
+          // Aligned bases (vector storage is 16-aligned on every supported libstdc++).
+          const CopyDesc d{src.data() + src_offset, dst.data() + dst_offset, n,
+                           ElemKind::kBytes, ElemKind::kBytes};
+          for (const auto& c : fastreload::plan_chunks(&d, 1, 48)) run_chunk(d, c, lanes);
+          const bool same = std::memcmp(dst.data() + dst_offset, src.data() + src_offset, n) == 0;
+          bool untouched = true;
+          for (int64_t i = 0; i < 256; ++i) {
+            if (i < dst_offset || i >= dst_offset + n) untouched = untouched && dst[i] == 0;
+          }
+          EXPECT(same && untouched, "exact copy (src+%d, dst+%d, %ld bytes, %ld lanes)", src_offset,
+                 dst_offset, (long)n, (long)lanes);
+        }
+      }
+    }
+  }
+}
+
+const std::vector<std::pair<ElemKind, at::ScalarType>> kFloatKinds = {
+    {ElemKind::kF64, at::kDouble},   {ElemKind::kF32, at::kFloat},
+    {ElemKind::kF16, at::kHalf},     {ElemKind::kBF16, at::kBFloat16},
+    {ElemKind::kF8E4M3, at::kFloat8_e4m3fn}, {ElemKind::kF8E5M2, at::kFloat8_e5m2},
+};
+
+// Equal values, signed zeros told apart; any NaN matches any NaN (ATen's own
+// vectorized and scalar paths disagree on NaN payloads and signs).
+bool same_values(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  const at::Tensor equal = x.eq(y).logical_and(x.signbit().eq(y.signbit()));
+  return equal.logical_or(x.isnan().logical_and(y.isnan())).all().item<bool>();
+}
+
+// Conversions must match Tensor::to, special values included.
+void test_conversions_match_aten() {
+  at::Tensor values = at::cat({at::randn({997}, at::kDouble) * 300,
+                               at::tensor({0.0, -0.0, 1e-40, -1e-7, 1e30, 65504.0, 448.0, 449.0,
+                                           57344.0, 1e6, std::numeric_limits<double>::infinity(),
+                                           -std::numeric_limits<double>::infinity(),
+                                           std::numeric_limits<double>::quiet_NaN()},
+                                          at::kDouble)});
+  for (const auto& [src_kind, src_type] : kFloatKinds) {
+    for (const auto& [dst_kind, dst_type] : kFloatKinds) {
+      if (src_kind == dst_kind) continue;
+      at::Tensor src = values.to(src_type);
+      at::Tensor expected = src.to(dst_type);
+      at::Tensor got = at::zeros_like(expected);
+      const CopyDesc d{static_cast<const char*>(src.const_data_ptr()),
+                       static_cast<char*>(got.data_ptr()), src.numel(), src_kind, dst_kind};
+      for (const auto& c : fastreload::plan_chunks(&d, 1, 64)) run_chunk(d, c, 3);
+      EXPECT(same_values(got, expected), "%s -> %s equals Tensor::to", c10::toString(src_type), c10::toString(dst_type));
+    }
+  }
+}
+
+void test_pair_checks() {
+  at::Tensor buffer = at::zeros({64});
+  at::Tensor a = buffer.slice(0, 0, 32), b = buffer.slice(0, 16, 48), c = buffer.slice(0, 48, 64);
+  auto problems = fastreload::find_pair_problems({a, b, c}, {at::ones({32}), at::ones({32}), at::ones({16})});
+  EXPECT(problems[0] == fastreload::PairProblem::kDestinationOverlap &&
+             problems[1] == fastreload::PairProblem::kDestinationOverlap &&
+             problems[2] == fastreload::PairProblem::kNone,
+         "overlapping destinations refused, the disjoint one accepted");
+
+  at::Tensor grid = at::zeros({4, 8});
+  problems = fastreload::find_pair_problems({grid.slice(1, 0, 8, 2), grid.slice(1, 1, 8, 2)},
+                                            {at::ones({4, 4}), at::ones({4, 4})});
+  EXPECT(problems[0] == fastreload::PairProblem::kNone && problems[1] == fastreload::PairProblem::kNone,
+         "interleaved strided destinations do not overlap");
+
+  problems = fastreload::find_pair_problems({at::zeros({3}), at::zeros({3}), at::zeros({2})},
+                                            {at::ones({4}), at::ones({3}, at::kInt), at::ones({2}, at::kInt)});
+  EXPECT(problems[0] == fastreload::PairProblem::kShape && problems[1] == fastreload::PairProblem::kDtype &&
+             problems[2] == fastreload::PairProblem::kDtype,
+         "shape and dtype problems found per pair");
+
+  at::Tensor x = at::arange(8, at::kFloat);
+  at::Tensor y = at::zeros({8});
+  problems = fastreload::find_pair_problems({x, y}, {x, x});
+  EXPECT(problems[0] == fastreload::PairProblem::kNone && problems[1] == fastreload::PairProblem::kSourceOverlap,
+         "a tensor copied onto itself is fine, read by another pair while written is not");
+}
+
+void test_op_through_dispatcher() {
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("fastreload::batched_copy_", "")
+                      .typed<void(at::TensorList, at::TensorList)>();
+  std::vector<at::Tensor> dst, src;
+  for (int64_t i = 0; i < 2000; ++i) {
+    src.push_back(at::randn({i % 37 + 1, 3}));
+    dst.push_back(at::zeros({i % 37 + 1, 3}, i % 2 ? at::kBFloat16 : at::kFloat));
+  }
+  dst.push_back(at::zeros({5, 3}).t());  // strided destination: the fallback path
+  src.push_back(at::randn({3, 5}));
+  op.call(dst, src);
+  bool equal = true;
+  for (size_t i = 0; i < dst.size(); ++i) equal = equal && at::equal(dst[i], src[i].to(dst[i].scalar_type()));
+  EXPECT(equal, "every pair copied and converted");
+
+  at::Tensor before = dst[0].clone();
+  bool threw = false;
+  try {
+    op.call({dst[0], dst[1]}, {at::ones_like(src[0]), at::ones({99})});
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("pair 1") != std::string::npos;
+  }
+  EXPECT(threw && at::equal(dst[0], before), "a refused batch names the pair and writes nothing");
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<std::pair<const char*, std::function<void()>>> tests = {
+      {"plan covers every element once", test_plan_covers_every_element_once},
+      {"byte copies at every alignment", test_byte_copies_every_alignment},
+      {"conversions match ATen", test_conversions_match_aten},
+      {"pair checks", test_pair_checks},
+      {"op through the dispatcher", test_op_through_dispatcher},
+  };
+  for (const auto& [name, test] : tests) {
+    const int before = failures;
+    test();
+    std::printf("%s: %s\n", failures == before ? "PASS" : "FAIL", name);
+  }
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

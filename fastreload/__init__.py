@@ -1,0 +1,16 @@
+"""fastreload: reload new weights into a live PyTorch model in place, layer by layer.
+
+    report = fastreload.reload_layerwise(model, state_dict)
+
+Every parameter and persistent buffer keeps its object and storage; copies are
+fused into few calls of the C++ op torch.ops.fastreload.batched_copy_.
+"""
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+from fastreload.model import forget
+from fastreload.reload import DEFAULT_BATCH_BYTES, reload_layerwise
+from fastreload.report import ReloadReport
+
+__all__ = ["DEFAULT_BATCH_BYTES", "ReloadError", "ReloadReport", "forget", "ops", "reload_layerwise"]
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""The errors a reload raises. Every one is raised before the first byte is written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+__all__ = ["ReloadError"]
+
+# Longest list of names spelled out in a message; the attributes keep them all.
+_SHOWN = 20
+
+
+def _names(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+class ReloadError(RuntimeError):
+    """A reload refused; nothing of the model was written.
+
+    Attributes hold every problem found, by kind, keyed by state_dict name:
+    missing, unexpected, mismatched (name -> "expected ... got ..."), uninitialized
+    (source tensors aimed at parameters that cannot be loaded in place), conflicts
+    (tied names with different values) and overlapping (model tensors that share
+    bytes without being the same tensor).
+    """
+
+    def __init__(
+        self,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Mapping[str, str] | None = None,
+        uninitialized: Iterable[str] = (),
+        conflicts: Iterable[str] = (),
+        overlapping: Iterable[str] = (),
+    ) -> None:
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.mismatched = dict(mismatched or {})
+        self.uninitialized = tuple(uninitialized)
+        self.conflicts = tuple(conflicts)
+        self.overlapping = tuple(overlapping)
+        lines = []
+        if self.missing:
+            lines.append(f"missing from the source: {_names(self.missing)}")
+        if self.unexpected:
+            lines.append(f"not in the model: {_names(self.unexpected)}")
+        for name, why in list(self.mismatched.items())[:_SHOWN]:
+            lines.append(f"{name!r}: {why}")
+        if len(self.mismatched) > _SHOWN:
+            lines.append(f"... and {len(self.mismatched) - _SHOWN} more mismatched tensors")
+        if self.uninitialized:
+            lines.append(
+                "aimed at uninitialized (lazy or meta) model tensors, which cannot be loaded "
+                f"in place: {_names(self.uninitialized)}")
+        if self.conflicts:
+            lines.append(f"tied names given different values: {_names(self.conflicts)}")
+        if self.overlapping:
+            lines.append(
+                "model tensors share bytes without being the same tensor, so no write order is "
+                f"right: {_names(self.overlapping)}")
+        super().__init__("reload refused, nothing was written:\n  " + "\n  ".join(lines))

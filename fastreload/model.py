@@ -1,0 +1,222 @@
+"""What a model holds, decided once per model from one walk of its module tree
+and the C++ storage-pointer sets: which tensors a reload writes (targets), which
+it leaves alone and why, and how targets group into layers.
+
+The walk follows the rules of nn.Module.state_dict(): a module's parameters, then
+its persistent buffers, then its children, each under "prefix.name"; a module or
+tensor reachable under several names appears under each of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+
+__all__ = ["Layout", "Target", "Unit", "forget", "layout_of"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One region of model memory a reload writes: a parameter or persistent buffer,
+    under every state_dict name that holds it (tied names), the first one leading."""
+
+    names: tuple[str, ...]
+    tensor: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A layer: a module that directly owns targets; targets[start:stop] are its own."""
+
+    prefix: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    targets: tuple[Target, ...]
+    units: tuple[Unit, ...]
+    # Every state_dict name a source may use for a target -> its index in targets.
+    target_index: dict[str, int]
+    # Names with a reason to be left alone: alias, tied, uninitialized, non_persistent.
+    skipped: dict[str, tuple[str, ...]]
+    # state_dict names a source may hold and that are never written (persistent alias buffers).
+    ignored: frozenset[str]
+    # state_dict names of tensors that cannot be loaded in place (lazy, meta).
+    uninitialized: frozenset[str]
+    # Every tensor the decisions above were made from, and their storage pointers
+    # then; and the uninitialized ones, which materialize in place.
+    watched: tuple[torch.Tensor, ...]
+    watched_ptrs: torch.Tensor
+    lazy: tuple[torch.Tensor, ...]
+    generation: int
+    # Copy plans made for this layout, by batch byte budget (see plan.py).
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def target_tensors(self) -> list[torch.Tensor]:
+        return [t.tensor for t in self.targets]
+
+    def is_current(self) -> bool:
+        """Whether the model still holds what this layout was made from."""
+        return (self.generation == _generation
+                and all(is_uninitialized(t) for t in self.lazy)
+                and torch.equal(ops.storage_ptrs(self.watched), self.watched_ptrs))
+
+
+def is_uninitialized(t: torch.Tensor) -> bool:
+    return isinstance(t, UninitializedTensorMixin) or t.is_meta
+
+
+def _walk(module: nn.Module, prefix: str = ""):
+    yield prefix, module
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _walk(child, f"{prefix}{name}.")
+
+
+@dataclass
+class _Entry:
+    name: str
+    unit: str
+    tensor: torch.Tensor
+    is_param: bool
+    persistent: bool
+
+
+def _entries(model: nn.Module) -> list[_Entry]:
+    entries = []
+    for prefix, module in _walk(model):
+        unit = prefix[:-1]
+        for key, p in module._parameters.items():
+            if p is not None:
+                entries.append(_Entry(prefix + key, unit, p, True, True))
+        for key, b in module._buffers.items():
+            if b is not None:
+                persistent = key not in module._non_persistent_buffers_set
+                entries.append(_Entry(prefix + key, unit, b, False, persistent))
+    return entries
+
+
+def _same_memory_key(t: torch.Tensor, ptr: int):
+    """Tensors with equal keys are the same bytes seen the same way: tied."""
+    if ptr == 0:
+        return ("no-bytes", id(t))
+    return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def build_layout(model: nn.Module) -> Layout:
+    entries = _entries(model)
+    uninitialized = [e for e in entries if is_uninitialized(e.tensor)]
+    live = [e for e in entries if not is_uninitialized(e.tensor)]
+    params = [e.tensor for e in live if e.is_param]
+    buffers = [e for e in live if not e.is_param]
+    is_alias = ops.storage_alias_mask([b.tensor for b in buffers], params).tolist()
+    aliases = [b for b, alias in zip(buffers, is_alias) if alias]
+    alias_names = {b.name for b in aliases}
+
+    written = [e for e in live
+               if e.persistent and e.name not in alias_names]
+    ptrs = ops.storage_ptrs([e.tensor for e in written]).tolist()
+    groups: dict[object, list[_Entry]] = {}
+    for e, ptr in zip(written, ptrs):
+        groups.setdefault(_same_memory_key(e.tensor, ptr), []).append(e)
+
+    targets: list[Target] = []
+    owners: list[str] = []
+    for group in groups.values():  # dicts keep first-seen order: state_dict order
+        targets.append(Target(tuple(e.name for e in group), group[0].tensor))
+        owners.append(group[0].unit)
+
+    tensors = [t.tensor for t in targets]
+    problems = ops.batched_copy_check(tensors, tensors).tolist()
+    overlapping = [t.name for t, p in zip(targets, problems) if p != ops.PairProblem.NONE]
+    if overlapping:
+        raise ReloadError(overlapping=overlapping)
+
+    # state_dict order puts each module's own tensors together, except for tied
+    # names first seen in an earlier module: a stable sort by first appearance of
+    # the owning unit makes every unit one contiguous range.
+    unit_order = {u: i for i, u in enumerate(dict.fromkeys(owners))}
+    order = sorted(range(len(targets)), key=lambda i: unit_order[owners[i]])
+    targets = [targets[i] for i in order]
+    owners = [owners[i] for i in order]
+    units = []
+    start = 0
+    for unit, members in itertools.groupby(owners):
+        stop = start + len(list(members))
+        units.append(Unit(unit, start, stop))
+        start = stop
+
+    skipped = {
+        "alias": tuple(b.name for b in aliases),
+        "tied": tuple(n for t in targets for n in t.names[1:]),
+        "uninitialized": tuple(e.name for e in uninitialized),
+        "non_persistent": tuple(e.name for e in live
+                                if not e.persistent and e.name not in alias_names),
+    }
+    watched = tuple(e.tensor for e in live)
+    return Layout(
+        targets=tuple(targets),
+        units=tuple(units),
+        target_index={n: i for i, t in enumerate(targets) for n in t.names},
+        skipped=skipped,
+        ignored=frozenset(b.name for b in aliases if b.persistent),
+        uninitialized=frozenset(e.name for e in uninitialized if e.persistent),
+        watched=watched,
+        watched_ptrs=ops.storage_ptrs(watched),
+        lazy=tuple(e.tensor for e in uninitialized),
+        generation=_generation,
+    )
+
+
+# Bumped whenever any module registers a parameter, buffer or submodule: a cheap,
+# global signal that some model's structure may have changed.
+_generation = 0
+_hooks_installed = False
+_layouts: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
+
+
+def _bump(*_args) -> None:
+    global _generation
+    _generation += 1
+
+
+def _install_hooks() -> None:
+    global _hooks_installed
+    if not _hooks_installed:
+        nn.modules.module.register_module_parameter_registration_hook(_bump)
+        nn.modules.module.register_module_buffer_registration_hook(_bump)
+        nn.modules.module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The model's layout, rebuilt when it no longer matches the model: a parameter,
+    buffer or module was registered anywhere, or a tensor's storage changed
+    (``p.data = ...``). Edits that bypass nn.Module (writing ``module._parameters``
+    directly, ``del module.weight``) are not seen: call forget(model) after them."""
+    _install_hooks()
+    layout = _layouts.get(model)
+    if layout is None or not layout.is_current():
+        layout = build_layout(model)
+        _layouts[model] = layout
+    return layout
+
+
+def forget(model: nn.Module) -> None:
+    """Drops the cached layout (and plans) of a model; the next reload rebuilds them."""
+    _layouts.pop(model, None)

@@ -1,0 +1,70 @@
+"""Typed wrappers over torch.ops.fastreload, with the fake kernels that let the
+ops trace under FakeTensor / torch.compile. Semantics live elsewhere."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import torch
+
+from fastreload import _C  # noqa: F401  (loading it registers the ops)
+
+__all__ = ["PairProblem", "batched_copy_", "batched_copy_check", "storage_alias_mask", "storage_ptrs"]
+
+
+class PairProblem(enum.IntEnum):
+    """Why batched_copy_ refuses a pair: the codes of batched_copy_check (csrc/copy_pairs.h)."""
+
+    NONE = 0
+    SHAPE = 1
+    DTYPE = 2
+    DEVICE = 3
+    DESTINATION_OVERLAP = 4
+    SOURCE_OVERLAP = 5
+
+
+def storage_ptrs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N] int64 storage base address of each tensor; 0 where it has no bytes (meta, empty)."""
+    return torch.ops.fastreload.storage_ptrs.default(list(tensors))
+
+
+def storage_alias_mask(tensors: Sequence[torch.Tensor], against: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N] bool: whether each tensor's storage is also the storage of any tensor in `against`."""
+    return torch.ops.fastreload.storage_alias_mask.default(list(tensors), list(against))
+
+
+def batched_copy_check(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N] int8 PairProblem per pair: what batched_copy_ would refuse, without copying."""
+    return torch.ops.fastreload.batched_copy_check.default(list(dst), list(src))
+
+
+def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for every pair in one fused pass, converting between floating
+    dtypes. Every pair is checked before the first byte is written."""
+    if len(dst) == 0 and len(src) == 0:
+        return  # no tensor to dispatch on; nothing to do
+    torch.ops.fastreload.batched_copy_.default(list(dst), list(src))
+
+
+@torch.library.register_fake("fastreload::storage_ptrs")
+def _(tensors):
+    return torch.empty(len(tensors), dtype=torch.int64, device="cpu")
+
+
+@torch.library.register_fake("fastreload::storage_alias_mask")
+def _(tensors, against):
+    return torch.empty(len(tensors), dtype=torch.bool, device="cpu")
+
+
+@torch.library.register_fake("fastreload::batched_copy_check")
+def _(dst, src):
+    torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
+    return torch.empty(len(dst), dtype=torch.int8, device="cpu")
+
+
+@torch.library.register_fake("fastreload::batched_copy_")
+def _(dst, src):
+    torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
+    for i, (d, s) in enumerate(zip(dst, src)):
+        torch._check(d.shape == s.shape, lambda: f"pair {i}: shapes {tuple(d.shape)} vs {tuple(s.shape)}")

@@ -1,0 +1,161 @@
+"""From a source's names to validated (destination, source) pairs, in batches.
+
+A Plan is made once per model layout and byte budget and reused by every reload:
+it knows the leading name of every target, the batches (whole layers, up to the
+budget) and which extra names a source may carry. Resolving a source against it
+validates every name, shape and dtype before anything is written.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+from fastreload.model import Layout
+
+__all__ = ["Plan", "Work", "plan_for"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    # Target index ranges [start, stop), each a run of whole layers of at most
+    # batch_bytes (a larger layer is a batch of its own).
+    batches: tuple[tuple[int, int], ...]
+    leading: tuple[str, ...]
+    leading_set: frozenset[str]
+    fetch_leading: operator.itemgetter
+    dsts: tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Work:
+    """Validated pairs of one reload and what was left out of them."""
+
+    batches: tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]
+    tensors: int
+    bytes: int
+    layers: int
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+
+
+def plan_for(layout: Layout, batch_bytes: int) -> Plan:
+    if batch_bytes <= 0:
+        raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
+    plan = layout.plans.get(batch_bytes)
+    if plan is None:
+        plan = _make_plan(layout, batch_bytes)
+        layout.plans[batch_bytes] = plan
+    return plan
+
+
+def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
+    sizes = [t.tensor.numel() * t.tensor.element_size() for t in layout.targets]
+    batches = []
+    start = held = 0
+    for unit in layout.units:
+        unit_bytes = sum(sizes[unit.start:unit.stop])
+        if held and held + unit_bytes > batch_bytes:
+            batches.append((start, unit.start))
+            start, held = unit.start, 0
+        held += unit_bytes
+    if start < len(layout.targets):
+        batches.append((start, len(layout.targets)))
+    leading = tuple(t.name for t in layout.targets)
+    # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
+    fetch = operator.itemgetter(*leading) if len(leading) != 1 else (lambda m: (m[leading[0]],))
+    return Plan(layout, tuple(batches), leading, frozenset(leading), fetch,
+                tuple(t.tensor for t in layout.targets))
+
+
+def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> Work:
+    """Pairs every target with its source tensor and validates them all, or raises
+    ReloadError listing every problem. Writes nothing."""
+    layout = plan.layout
+    values: list[torch.Tensor | None]
+    try:
+        values = list(plan.fetch_leading(source)) if plan.leading else []
+    except KeyError:
+        values = [source.get(n) for n in plan.leading]
+
+    missing: list[str] = []
+    unexpected: list[str] = []
+    uninitialized: list[str] = []
+    conflicts: list[str] = []
+    mismatched: dict[str, str] = {}
+    if len(source) != len(plan.leading) or any(v is None for v in values):
+        for name in source.keys() - plan.leading_set:
+            index = layout.target_index.get(name)
+            if index is not None:  # a tied second name
+                value = source[name]
+                if values[index] is None:
+                    values[index] = value
+                elif not _same_values(values[index], value):
+                    conflicts.append(name)
+            elif name in layout.uninitialized:
+                uninitialized.append(name)
+            elif name not in layout.ignored:
+                unexpected.append(name)
+        missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
+
+    present = range(len(values)) if not missing else [i for i, v in enumerate(values) if v is not None]
+    dsts = [plan.dsts[i] for i in present] if missing else list(plan.dsts)
+    srcs = [values[i] for i in present] if missing else values
+    for i, problem in _refused(dsts, srcs):
+        mismatched[plan.leading[present[i]]] = _explain(problem, dsts[i], srcs[i])
+
+    if mismatched or uninitialized or conflicts or (strict and (missing or unexpected)):
+        raise ReloadError(
+            missing=missing if strict else (),
+            unexpected=unexpected if strict else (),
+            mismatched=mismatched, uninitialized=uninitialized, conflicts=conflicts)
+
+    if not missing:
+        batches = tuple((list(plan.dsts[a:b]), srcs[a:b]) for a, b in plan.batches)
+        layers = len(layout.units)
+    else:
+        batches, layers = _batches_of_present(plan, values)
+    tensors = sum(len(d) for d, _ in batches)
+    nbytes = sum(t.numel() * t.element_size() for d, _ in batches for t in d)
+    return Work(batches, tensors, nbytes, layers, tuple(missing), tuple(unexpected))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.dtype)))
+
+
+def _refused(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(pair index, PairProblem) of every pair batched_copy_ would refuse."""
+    problems = ops.batched_copy_check(dsts, srcs)
+    if not problems.any():
+        return []
+    return [(i, problems[i].item()) for i in problems.nonzero().flatten().tolist()]
+
+
+def _explain(problem: int, dst: torch.Tensor, src: torch.Tensor) -> str:
+    if problem == ops.PairProblem.SHAPE:
+        return f"shape mismatch: the model has {tuple(dst.shape)}, the source {tuple(src.shape)}"
+    if problem == ops.PairProblem.DTYPE:
+        return (f"dtype mismatch: cannot convert the source's {src.dtype} into the model's "
+                f"{dst.dtype} (floating types convert into each other; others must match)")
+    if problem == ops.PairProblem.DEVICE:
+        return f"device mismatch: the source on {src.device} cannot be copied to {dst.device}"
+    return "the source tensor shares memory with another tensor of the model"
+
+
+def _batches_of_present(plan: Plan, values: list) -> tuple[tuple, int]:
+    batches = []
+    layers = 0
+    for a, b in plan.batches:
+        pairs = [(plan.dsts[i], values[i]) for i in range(a, b) if values[i] is not None]
+        if pairs:
+            batches.append(([d for d, _ in pairs], [s for _, s in pairs]))
+    for unit in plan.layout.units:
+        layers += any(values[i] is not None for i in range(unit.start, unit.stop))
+    return tuple(batches), layers

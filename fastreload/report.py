@@ -1,0 +1,38 @@
+"""What a reload did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ReloadReport"]
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """Counts of one reload_layerwise call.
+
+    skipped maps a reason to the state_dict (or buffer) names left alone for it:
+    "alias" (buffers viewing a parameter's storage: written through the parameter),
+    "tied" (second names of one storage: written once, under the first),
+    "uninitialized" (lazy or meta tensors: nothing to write into),
+    "non_persistent" (buffers outside the state_dict: runtime state),
+    "missing" and "unexpected" (with strict=False: names absent from the source,
+    or the source's names the model does not have).
+    """
+
+    layers: int
+    tensors: int
+    bytes: int
+    batched_copy_calls: int
+    seconds: float
+    skipped: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{len(v)} {k}" for k, v in self.skipped.items() if v) or "none"
+        return (f"reloaded {self.tensors} tensors in {self.layers} layers, "
+                f"{self.bytes / 2**20:.1f} MiB in {self.seconds * 1e3:.1f} ms "
+                f"({self.gbps:.2f} GB/s, {self.batched_copy_calls} fused copies); skipped: {skipped}")

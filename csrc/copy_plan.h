@@ -19,6 +19,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__) && !defined(__CUDA_ARCH__)
+#include <immintrin.h>
+#define FASTRELOAD_STREAM_STORES 1
+#endif
+
 namespace fastreload {
 
 // Element formats the routine converts between. Same-format pairs are planned as
@@ -88,34 +93,45 @@ template <> struct Word<8> { uint64_t v; };
 template <> struct alignas(16) Word<16> { uint64_t lo, hi; };
 
 // Copies n bytes using W-byte words for the part where dst is W-aligned; the
-// caller guarantees src and dst agree modulo W.
+// caller guarantees src and dst agree modulo W. `stream` asks a host thread for
+// non-temporal stores: a batch larger than the caches then costs no reads of the
+// destination lines it overwrites.
 template <int W>
 C10_HOST_DEVICE inline void copy_words(char* dst, const char* src, int64_t n,
-                                       int64_t lane, int64_t lanes) {
+                                       int64_t lane, int64_t lanes, bool stream) {
   int64_t head = static_cast<int64_t>((W - reinterpret_cast<uintptr_t>(dst) % W) % W);
   if (head > n) head = n;
   for (int64_t i = lane; i < head; i += lanes) dst[i] = src[i];
-  const int64_t words = (n - head) / W;
+  int64_t words = (n - head) / W;
+  const int64_t tail = head + words * W;
   auto* dw = reinterpret_cast<Word<W>*>(dst + head);
   const auto* sw = reinterpret_cast<const Word<W>*>(src + head);
+#ifdef FASTRELOAD_STREAM_STORES
+  if (W == 16 && stream && lanes == 1) {
+    auto* dv = reinterpret_cast<__m128i*>(dw);
+    const auto* sv = reinterpret_cast<const __m128i*>(sw);
+    for (int64_t i = 0; i < words; ++i) _mm_stream_si128(dv + i, _mm_load_si128(sv + i));
+    words = 0;
+  }
+#endif
   for (int64_t i = lane; i < words; i += lanes) dw[i] = sw[i];
-  for (int64_t i = head + words * W + lane; i < n; i += lanes) dst[i] = src[i];
+  for (int64_t i = tail + lane; i < n; i += lanes) dst[i] = src[i];
 }
 
 // The widest word in which src and dst are mutually aligned decides the body.
 C10_HOST_DEVICE inline void copy_bytes(char* dst, const char* src, int64_t n,
-                                       int64_t lane, int64_t lanes) {
+                                       int64_t lane, int64_t lanes, bool stream) {
   const uintptr_t rel = reinterpret_cast<uintptr_t>(dst) ^ reinterpret_cast<uintptr_t>(src);
   if ((rel & 15) == 0) {
-    copy_words<16>(dst, src, n, lane, lanes);
+    copy_words<16>(dst, src, n, lane, lanes, stream);
   } else if ((rel & 7) == 0) {
-    copy_words<8>(dst, src, n, lane, lanes);
+    copy_words<8>(dst, src, n, lane, lanes, stream);
   } else if ((rel & 3) == 0) {
-    copy_words<4>(dst, src, n, lane, lanes);
+    copy_words<4>(dst, src, n, lane, lanes, stream);
   } else if ((rel & 1) == 0) {
-    copy_words<2>(dst, src, n, lane, lanes);
+    copy_words<2>(dst, src, n, lane, lanes, stream);
   } else {
-    copy_words<1>(dst, src, n, lane, lanes);
+    copy_words<1>(dst, src, n, lane, lanes, stream);
   }
 }
 
@@ -146,10 +162,11 @@ C10_HOST_DEVICE inline void convert_from(ElemKind dst_kind, char* dst, const cha
 }  // namespace detail
 
 // Copies one chunk; every lane in [0, lanes) must call it with the same chunk.
+// A host thread that passes stream=true calls finish_host_stores() when done.
 C10_HOST_DEVICE inline void copy_chunk(const CopyDesc& d, int64_t begin, int64_t end,
-                                       int64_t lane, int64_t lanes) {
+                                       int64_t lane, int64_t lanes, bool stream = false) {
   if (d.src_kind == ElemKind::kBytes) {
-    detail::copy_bytes(d.dst + begin, d.src + begin, end - begin, lane, lanes);
+    detail::copy_bytes(d.dst + begin, d.src + begin, end - begin, lane, lanes, stream);
     return;
   }
   switch (d.src_kind) {
@@ -161,6 +178,13 @@ C10_HOST_DEVICE inline void copy_chunk(const CopyDesc& d, int64_t begin, int64_t
     case ElemKind::kF8E5M2: detail::convert_from<c10::Float8_e5m2>(d.dst_kind, d.dst, d.src, begin, end, lane, lanes); break;
     default: break;
   }
+}
+
+// Orders a thread's non-temporal stores before anything it does next.
+inline void finish_host_stores() {
+#ifdef FASTRELOAD_STREAM_STORES
+  _mm_sfence();
+#endif
 }
 
 }  // namespace fastreload

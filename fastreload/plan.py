@@ -18,7 +18,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout
 
-__all__ = ["Plan", "Work", "plan_for"]
+__all__ = ["Plan", "Work", "check_pairs", "plan_for", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Plan:
     # Target index ranges [start, stop), each a run of whole layers of at most
     # batch_bytes (a larger layer is a batch of its own).
     batches: tuple[tuple[int, int], ...]
+    sizes: tuple[int, ...]  # bytes of each target
+    total_bytes: int
     leading: tuple[str, ...]
     leading_set: frozenset[str]
     fetch_leading: operator.itemgetter
@@ -35,8 +37,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class Work:
-    """Validated pairs of one reload and what was left out of them."""
+    """The pairs of one reload, names checked, and what was left out of them."""
 
+    plan: Plan
+    dsts: list[torch.Tensor]
+    srcs: list[torch.Tensor]
+    names: list[str] | tuple[str, ...]  # leading name of each pair
     batches: tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]
     tensors: int
     bytes: int
@@ -70,13 +76,15 @@ def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
     leading = tuple(t.name for t in layout.targets)
     # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
     fetch = operator.itemgetter(*leading) if len(leading) != 1 else (lambda m: (m[leading[0]],))
-    return Plan(layout, tuple(batches), leading, frozenset(leading), fetch,
-                tuple(t.tensor for t in layout.targets))
+    return Plan(layout, tuple(batches), tuple(sizes), sum(sizes), leading, frozenset(leading),
+                fetch, tuple(t.tensor for t in layout.targets))
 
 
 def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> Work:
-    """Pairs every target with its source tensor and validates them all, or raises
-    ReloadError listing every problem. Writes nothing."""
+    """Pairs every target with its source tensor and checks the names: raises
+    ReloadError for missing (when strict), unexpected (when strict), uninitialized
+    or conflicting tied names, listing with them every pair problem. Pair problems
+    alone are found by check_pairs, or by batched_copy_ itself. Writes nothing."""
     layout = plan.layout
     values: list[torch.Tensor | None]
     try:
@@ -88,8 +96,9 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
     unexpected: list[str] = []
     uninitialized: list[str] = []
     conflicts: list[str] = []
-    mismatched: dict[str, str] = {}
-    if len(source) != len(plan.leading) or any(v is None for v in values):
+    # The common case, a source holding exactly the leading names, skips this scan.
+    kinds = set(map(type, values))
+    if len(source) != len(plan.leading) or not all(issubclass(k, torch.Tensor) for k in kinds):
         for name in source.keys() - plan.leading_set:
             index = layout.target_index.get(name)
             if index is not None:  # a tied second name
@@ -103,39 +112,51 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
             elif name not in layout.ignored:
                 unexpected.append(name)
         missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
+        not_tensors = [plan.leading[i] for i, v in enumerate(values)
+                       if v is not None and not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            raise TypeError(f"source values must be tensors; not so for {not_tensors[:20]}")
 
     present = range(len(values)) if not missing else [i for i, v in enumerate(values) if v is not None]
     dsts = [plan.dsts[i] for i in present] if missing else list(plan.dsts)
     srcs = [values[i] for i in present] if missing else values
-    for i, problem in _refused(dsts, srcs):
-        mismatched[plan.leading[present[i]]] = _explain(problem, dsts[i], srcs[i])
+    names = [plan.leading[i] for i in present] if missing else plan.leading
 
-    if mismatched or uninitialized or conflicts or (strict and (missing or unexpected)):
+    if uninitialized or conflicts or (strict and (missing or unexpected)):
         raise ReloadError(
             missing=missing if strict else (),
             unexpected=unexpected if strict else (),
-            mismatched=mismatched, uninitialized=uninitialized, conflicts=conflicts)
+            mismatched=pair_problems(dsts, srcs, names),
+            uninitialized=uninitialized, conflicts=conflicts)
 
     if not missing:
         batches = tuple((list(plan.dsts[a:b]), srcs[a:b]) for a, b in plan.batches)
-        layers = len(layout.units)
-    else:
-        batches, layers = _batches_of_present(plan, values)
-    tensors = sum(len(d) for d, _ in batches)
-    nbytes = sum(t.numel() * t.element_size() for d, _ in batches for t in d)
-    return Work(batches, tensors, nbytes, layers, tuple(missing), tuple(unexpected))
+        return Work(plan, dsts, srcs, names, batches, len(srcs), plan.total_bytes,
+                    len(layout.units), (), tuple(unexpected))
+    batches, layers = _batches_of_present(plan, values)
+    nbytes = sum(plan.sizes[i] for i in present)
+    return Work(plan, dsts, srcs, names, batches, len(present), nbytes, layers,
+                tuple(missing), tuple(unexpected))
+
+
+def check_pairs(work: Work) -> None:
+    """Raises ReloadError naming every pair batched_copy_ would refuse (shape,
+    dtype, device, shared memory); writes nothing."""
+    mismatched = pair_problems(work.dsts, work.srcs, work.names)
+    if mismatched:
+        raise ReloadError(mismatched=mismatched)
+
+
+def pair_problems(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names) -> dict[str, str]:
+    problems = ops.batched_copy_check(dsts, srcs)
+    if not problems.any():
+        return {}
+    return {names[i]: _explain(problems[i].item(), dsts[i], srcs[i])
+            for i in problems.nonzero().flatten().tolist()}
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.dtype)))
-
-
-def _refused(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """(pair index, PairProblem) of every pair batched_copy_ would refuse."""
-    problems = ops.batched_copy_check(dsts, srcs)
-    if not problems.any():
-        return []
-    return [(i, problems[i].item()) for i in problems.nonzero().flatten().tolist()]
 
 
 def _explain(problem: int, dst: torch.Tensor, src: torch.Tensor) -> str:

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastreload import ops
 from fastreload.model import layout_of
-from fastreload.plan import plan_for, resolve
+from fastreload.plan import check_pairs, plan_for, resolve
 from fastreload.report import ReloadReport
 
 __all__ = ["DEFAULT_BATCH_BYTES", "reload_layerwise"]
@@ -19,7 +19,9 @@ __all__ = ["DEFAULT_BATCH_BYTES", "reload_layerwise"]
 logger = logging.getLogger("fastreload")
 
 # Bytes written by one fused copy at most (a larger layer is copied on its own).
-DEFAULT_BATCH_BYTES = 256 * 2**20
+# One batch is checked by batched_copy_ itself as it copies; several need one
+# check of every pair first, so that no batch is written before a refused one.
+DEFAULT_BATCH_BYTES = 2**30
 
 
 def reload_layerwise(
@@ -49,13 +51,20 @@ def reload_layerwise(
     started = time.perf_counter()
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"reload_layerwise expects a Mapping[str, Tensor], got {type(state_dict).__name__}")
-    layout = layout_of(model)
-    work = resolve(plan_for(layout, batch_bytes), state_dict, strict=strict)
     # Inference mode admits in-place writes into inference tensors as well as normal
-    # ones, and skips autograd bookkeeping for the copy.
+    # ones, and keeps autograd out of every op call over the model's tensors.
     with torch.inference_mode():
-        for dsts, srcs in work.batches:
-            ops.batched_copy_(dsts, srcs)
+        layout = layout_of(model)
+        work = resolve(plan_for(layout, batch_bytes), state_dict, strict=strict)
+        if len(work.batches) > 1:
+            check_pairs(work)  # a refusal in a later batch must not follow written ones
+        try:
+            for dsts, srcs in work.batches:
+                ops.batched_copy_(dsts, srcs)
+        except RuntimeError:
+            if len(work.batches) == 1:
+                check_pairs(work)  # batched_copy_ refused the batch whole: name the pairs
+            raise
     skipped = dict(layout.skipped)
     if work.missing:
         skipped["missing"] = work.missing

@@ -17,6 +17,9 @@ namespace {
 constexpr int64_t kCpuChunkBytes = int64_t{1} << 18;
 // Below this many bytes a batch is copied on the calling thread.
 constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
+// From this many bytes on, a batch is written with non-temporal stores: it would
+// not stay in the caches anyway.
+constexpr int64_t kStreamStoreMinBytes = int64_t{8} << 20;
 
 void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
   check_pairs(dst, src);
@@ -31,12 +34,14 @@ void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
     const CopyChunk& chunk = chunks[c];
     starts[c + 1] = starts[c] + (chunk.end - chunk.begin) * chunk_elem_bytes(batch.fused[chunk.desc]);
   }
+  const bool stream = starts.back() >= kStreamStoreMinBytes;
   at::parallel_for(0, starts.back(), kMinBytesPerThread, [&](int64_t lo, int64_t hi) {
     auto c = std::lower_bound(starts.begin(), starts.end() - 1, lo) - starts.begin();
     for (; c < static_cast<int64_t>(chunks.size()) && starts[c] < hi; ++c) {
       const CopyChunk& chunk = chunks[c];
-      copy_chunk(batch.fused[chunk.desc], chunk.begin, chunk.end, /*lane=*/0, /*lanes=*/1);
+      copy_chunk(batch.fused[chunk.desc], chunk.begin, chunk.end, /*lane=*/0, /*lanes=*/1, stream);
     }
+    finish_host_stores();
   });
 
   for (const int64_t i : batch.fallback) dst[i].copy_(src[i]);

@@ -35,8 +35,12 @@ using fastreload::CopyDesc;
 using fastreload::ElemKind;
 
 // Runs a chunk the way a CUDA block does: every lane of `lanes` over the same chunk.
-void run_chunk(const CopyDesc& d, const CopyChunk& c, int64_t lanes) {
-  for (int64_t lane = 0; lane < lanes; ++lane) fastreload::copy_chunk(d, c.begin, c.end, lane, lanes);
+// With one lane, `stream` takes the CPU backend's non-temporal store path.
+void run_chunk(const CopyDesc& d, const CopyChunk& c, int64_t lanes, bool stream = false) {
+  for (int64_t lane = 0; lane < lanes; ++lane) {
+    fastreload::copy_chunk(d, c.begin, c.end, lane, lanes, stream);
+  }
+  fastreload::finish_host_stores();
 }
 
 void test_plan_covers_every_element_once() {
@@ -75,19 +79,20 @@ void test_byte_copies_every_alignment() {
   for (int src_offset = 0; src_offset < 16; ++src_offset) {
     for (int dst_offset = 0; dst_offset < 16; ++dst_offset) {
       for (int64_t n : {0, 1, 3, 15, 16, 17, 31, 64, 100, 200}) {
-        for (int64_t lanes : {1, 4, 32}) {
+        for (const auto [lanes, stream] : {std::pair<int64_t, bool>{1, false}, {1, true},
+                                           {4, false}, {32, false}}) {
           std::fill(dst.begin(), dst.end(), 0);
           // Aligned bases (vector storage is 16-aligned on every supported libstdc++).
           const CopyDesc d{src.data() + src_offset, dst.data() + dst_offset, n,
                            ElemKind::kBytes, ElemKind::kBytes};
-          for (const auto& c : fastreload::plan_chunks(&d, 1, 48)) run_chunk(d, c, lanes);
+          for (const auto& c : fastreload::plan_chunks(&d, 1, 48)) run_chunk(d, c, lanes, stream);
           const bool same = std::memcmp(dst.data() + dst_offset, src.data() + src_offset, n) == 0;
           bool untouched = true;
           for (int64_t i = 0; i < 256; ++i) {
             if (i < dst_offset || i >= dst_offset + n) untouched = untouched && dst[i] == 0;
           }
-          EXPECT(same && untouched, "exact copy (src+%d, dst+%d, %ld bytes, %ld lanes)", src_offset,
-                 dst_offset, (long)n, (long)lanes);
+          EXPECT(same && untouched, "exact copy (src+%d, dst+%d, %ld bytes, %ld lanes, stream %d)",
+                 src_offset, dst_offset, (long)n, (long)lanes, stream);
         }
       }
     }
@@ -169,6 +174,9 @@ void test_op_through_dispatcher() {
   }
   dst.push_back(at::zeros({5, 3}).t());  // strided destination: the fallback path
   src.push_back(at::randn({3, 5}));
+  // Past the non-temporal store threshold, misaligned by one element on both sides.
+  dst.push_back(at::zeros({3'000'001}).slice(0, 1));
+  src.push_back(at::randn({3'000'001}).slice(0, 1));
   op.call(dst, src);
   bool equal = true;
   for (size_t i = 0; i < dst.size(); ++i) equal = equal && at::equal(dst[i], src[i].to(dst[i].scalar_type()));

@@ -60,15 +60,19 @@ def extension():
     sources = relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
                        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # ATen's parallel_for is inline OpenMP: without -fopenmp it silently runs serially.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if cuda_build_wanted(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         return CUDAExtension(
             "fastreload._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=link_flags,
         )
-    return CppExtension("fastreload._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("fastreload._C", sources, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
 
 
 setup(

@@ -1,6 +1,8 @@
 #include "copy_pairs.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -26,40 +28,83 @@ bool convertible(at::ScalarType from, at::ScalarType to) {
   return from == to || (float_kind(from) && float_kind(to));
 }
 
-// Whether src[i] is dst[i] itself: copying it is a no-op, not an overlap.
-bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.const_data_ptr() == b.const_data_ptr() && a.dtype() == b.dtype() &&
-         a.sizes() == b.sizes() && a.strides() == b.strides();
-}
-
-// Dense tensors whose strides agree on every dimension that has more than one
-// element store their elements in the same order: one flat copy serves them.
-bool same_dense_order(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.is_non_overlapping_and_dense() || !b.is_non_overlapping_and_dense()) return false;
-  for (const auto d : c10::irange(a.dim())) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-// Byte range [lo, hi) from a tensor's first to one past its last element.
+// Byte range [lo, hi) from a tensor's first to one past its last element; lo == 0
+// for tensors with no bytes to read or write (empty, meta).
 struct Span {
-  uintptr_t lo;
-  uintptr_t hi;
-  int64_t pair;
+  uintptr_t lo = 0;
+  uintptr_t hi = 0;
+  int64_t pair = 0;
 };
 
-std::optional<Span> span_of(const at::Tensor& t, int64_t pair) {
+Span span_of(const at::Tensor& t, int64_t pair, const void* data) {
   const int64_t numel = t.numel();
-  if (numel == 0 || t.is_meta() || !t.has_storage()) return std::nullopt;
-  const auto lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  if (lo == 0) return std::nullopt;
+  if (numel == 0 || data == nullptr) return {};
   int64_t elements = numel;
   if (!t.is_contiguous()) {
     elements = 1;
     for (const auto d : c10::irange(t.dim())) elements += (t.size(d) - 1) * t.stride(d);
   }
+  const auto lo = reinterpret_cast<uintptr_t>(data);
   return Span{lo, lo + static_cast<uintptr_t>(elements * t.element_size()), pair};
+}
+
+const void* data_of(const at::Tensor& t) {
+  return t.is_meta() || !t.has_storage() ? nullptr : t.const_data_ptr();
+}
+
+// Everything the checks and the descriptors need of one pair, read in one pass:
+// touching tens of thousands of TensorImpls costs cache misses, not arithmetic.
+struct PairFacts {
+  PairProblem problem = PairProblem::kNone;
+  Span dst;
+  Span src;
+  bool noop = false;   // src is dst itself (same bytes, same view): nothing to copy
+  bool fused = false;  // dense pair in one memory order: the fused pass copies it
+};
+
+PairFacts facts_of(const at::Tensor& d, const at::Tensor& s, int64_t i, const at::Device& device) {
+  PairFacts f;
+  if (d.device() != device || (s.device() != device && !s.is_cpu())) {
+    f.problem = PairProblem::kDevice;
+    return f;
+  }
+  if (d.sizes() != s.sizes()) {
+    f.problem = PairProblem::kShape;
+    return f;
+  }
+  if (!convertible(s.scalar_type(), d.scalar_type())) {
+    f.problem = PairProblem::kDtype;
+    return f;
+  }
+  // A destination whose elements share bytes (an expanded view) has no single result.
+  if (at::has_internal_overlap(d) == at::MemOverlap::Yes) {
+    f.problem = PairProblem::kDestinationOverlap;
+    return f;
+  }
+  const void* d_data = data_of(d);
+  const void* s_data = data_of(s);
+  f.dst = span_of(d, i, d_data);
+  f.src = span_of(s, i, s_data);
+  f.noop = d_data == s_data && d.dtype() == s.dtype() && d.strides() == s.strides();
+  // Dense tensors whose strides agree on every dimension of more than one element
+  // store their elements in the same order: one flat copy serves them.
+  f.fused = d.is_non_overlapping_and_dense() && s.is_non_overlapping_and_dense();
+  for (int64_t k = 0; f.fused && k < d.dim(); ++k) {
+    f.fused = d.size(k) <= 1 || d.stride(k) == s.stride(k);
+  }
+  return f;
+}
+
+std::vector<PairFacts> gather_facts(at::TensorList dst, at::TensorList src) {
+  TORCH_CHECK(dst.size() == src.size(), "batched_copy_: got ", dst.size(),
+              " destinations but ", src.size(), " sources");
+  std::vector<PairFacts> facts(dst.size());
+  if (dst.empty()) return facts;
+  const at::Device device = dst[0].device();
+  at::parallel_for(0, static_cast<int64_t>(dst.size()), 2048, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) facts[i] = facts_of(dst[i], src[i], i, device);
+  });
+  return facts;
 }
 
 // Calls fn(byte offset from data_ptr) for every element of t.
@@ -117,12 +162,11 @@ struct SortedDestinations {
   }
 };
 
-void find_overlaps(at::TensorList dst, at::TensorList src, std::vector<PairProblem>& problems) {
+void find_overlaps(at::TensorList dst, at::TensorList src, std::vector<PairFacts>& facts) {
   SortedDestinations dsts;
-  dsts.spans.reserve(dst.size());
-  for (const auto i : c10::irange(dst.size())) {
-    if (problems[i] != PairProblem::kNone) continue;
-    if (auto s = span_of(dst[i], i)) dsts.spans.push_back(*s);
+  dsts.spans.reserve(facts.size());
+  for (const PairFacts& f : facts) {
+    if (f.problem == PairProblem::kNone && f.dst.lo != 0) dsts.spans.push_back(f.dst);
   }
   // Model tensors are usually allocated in address order: then no sort is needed.
   const auto by_start = [](const Span& x, const Span& y) { return x.lo < y.lo; };
@@ -147,23 +191,28 @@ void find_overlaps(at::TensorList dst, at::TensorList src, std::vector<PairProbl
   for (const auto i : c10::irange(dsts.spans.size())) {
     const Span& s = dsts.spans[i];
     overlapping_destinations(dst[s.pair], s, i, [&](const Span& o) {
-      problems[s.pair] = problems[o.pair] = PairProblem::kDestinationOverlap;
+      facts[s.pair].problem = facts[o.pair].problem = PairProblem::kDestinationOverlap;
     });
   }
   for (const auto i : c10::irange(src.size())) {
-    if (problems[i] != PairProblem::kNone || same_view(dst[i], src[i])) continue;
-    const auto s = span_of(src[i], i);
-    if (!s) continue;
+    PairFacts& f = facts[i];
+    if (f.problem != PairProblem::kNone || f.noop || f.src.lo == 0) continue;
     // A source may also overlap its own destination partially: that is refused too.
-    if (const auto own = span_of(dst[i], i);
-        own && own->lo < s->hi && s->lo < own->hi && bytes_overlap(src[i], *s, dst[i], *own)) {
-      problems[i] = PairProblem::kSourceOverlap;
+    if (f.dst.lo != 0 && f.dst.lo < f.src.hi && f.src.lo < f.dst.hi &&
+        bytes_overlap(src[i], f.src, dst[i], f.dst)) {
+      f.problem = PairProblem::kSourceOverlap;
       continue;
     }
-    overlapping_destinations(src[i], *s, dsts.spans.size(), [&](const Span&) {
-      problems[i] = PairProblem::kSourceOverlap;
+    overlapping_destinations(src[i], f.src, dsts.spans.size(), [&](const Span&) {
+      f.problem = PairProblem::kSourceOverlap;
     });
   }
+}
+
+std::vector<PairFacts> examine(at::TensorList dst, at::TensorList src) {
+  std::vector<PairFacts> facts = gather_facts(dst, src);
+  find_overlaps(dst, src, facts);
+  return facts;
 }
 
 const char* describe(PairProblem p) {
@@ -180,51 +229,38 @@ const char* describe(PairProblem p) {
 }  // namespace
 
 std::vector<PairProblem> find_pair_problems(at::TensorList dst, at::TensorList src) {
-  TORCH_CHECK(dst.size() == src.size(), "batched_copy_: got ", dst.size(),
-              " destinations but ", src.size(), " sources");
-  std::vector<PairProblem> problems(dst.size(), PairProblem::kNone);
-  bool any_sized = false;
-  for (const auto i : c10::irange(dst.size())) {
-    const at::Tensor& d = dst[i];
-    const at::Tensor& s = src[i];
-    if (d.device() != dst[0].device() || (s.device() != d.device() && !s.is_cpu())) {
-      problems[i] = PairProblem::kDevice;
-    } else if (d.sizes() != s.sizes()) {
-      problems[i] = PairProblem::kShape;
-    } else if (!convertible(s.scalar_type(), d.scalar_type())) {
-      problems[i] = PairProblem::kDtype;
-    }
-    any_sized = any_sized || d.numel() > 0;
-  }
-  if (any_sized) find_overlaps(dst, src, problems);
+  const std::vector<PairFacts> facts = examine(dst, src);
+  std::vector<PairProblem> problems(facts.size());
+  for (const auto i : c10::irange(facts.size())) problems[i] = facts[i].problem;
   return problems;
 }
 
-void check_pairs(at::TensorList dst, at::TensorList src) {
-  const auto problems = find_pair_problems(dst, src);
-  for (const auto i : c10::irange(problems.size())) {
-    TORCH_CHECK(problems[i] == PairProblem::kNone, "batched_copy_: pair ", i, ": ",
-                describe(problems[i]), " (destination ", dst[i].scalar_type(), dst[i].sizes(),
+DescribedBatch checked_batch(at::TensorList dst, at::TensorList src) {
+  const std::vector<PairFacts> facts = examine(dst, src);
+  DescribedBatch batch;
+  batch.fused.reserve(facts.size());
+  batch.fused_pairs.reserve(facts.size());
+  for (const auto i : c10::irange(facts.size())) {
+    const PairFacts& f = facts[i];
+    TORCH_CHECK(f.problem == PairProblem::kNone, "batched_copy_: pair ", i, ": ",
+                describe(f.problem), " (destination ", dst[i].scalar_type(), dst[i].sizes(),
                 " on ", dst[i].device(), ", source ", src[i].scalar_type(), src[i].sizes(),
                 " on ", src[i].device(), ")");
   }
-}
-
-DescribedBatch describe_pairs(at::TensorList dst, at::TensorList src) {
-  DescribedBatch batch;
-  batch.fused.reserve(dst.size());
-  for (const auto i : c10::irange(dst.size())) {
-    const at::Tensor& d = dst[i];
-    const at::Tensor& s = src[i];
-    if (d.numel() == 0 || same_view(d, s)) continue;
-    if (!same_dense_order(d, s)) {
+  for (const auto i : c10::irange(facts.size())) {
+    const PairFacts& f = facts[i];
+    if (f.noop || f.dst.lo == 0) continue;
+    if (!f.fused) {
       batch.fallback.push_back(i);
       continue;
     }
+    const at::Tensor& d = dst[i];
+    const at::Tensor& s = src[i];
     const bool same_dtype = d.scalar_type() == s.scalar_type();
+    batch.fused_pairs.push_back(i);
     batch.fused.push_back(CopyDesc{
-        static_cast<const char*>(s.const_data_ptr()),
-        static_cast<char*>(d.data_ptr()),
+        reinterpret_cast<const char*>(f.src.lo),
+        static_cast<char*>(d.mutable_data_ptr()),
         same_dtype ? d.numel() * d.element_size() : d.numel(),
         same_dtype ? ElemKind::kBytes : *float_kind(s.scalar_type()),
         same_dtype ? ElemKind::kBytes : *float_kind(d.scalar_type()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,11 @@ class Layout:
     ignored: frozenset[str]
     # state_dict names of tensors that cannot be loaded in place (lazy, meta).
     uninitialized: frozenset[str]
-    # Every tensor the decisions above were made from, and their storage pointers
-    # then; and the uninitialized ones, which materialize in place.
+    # The tensors whose storage the decisions above rest on (those sharing a storage
+    # with another tensor: tied names, aliases and what they view) and their storage
+    # pointers then; and the uninitialized tensors, which materialize in place. A
+    # tensor that comes to share storage later makes two targets overlap, which
+    # batched_copy_ refuses: reload_layerwise then rebuilds the layout.
     watched: tuple[torch.Tensor, ...]
     watched_ptrs: torch.Tensor
     lazy: tuple[torch.Tensor, ...]
@@ -168,7 +172,9 @@ def build_layout(model: nn.Module) -> Layout:
         "non_persistent": tuple(e.name for e in live
                                 if not e.persistent and e.name not in alias_names),
     }
-    watched = tuple(e.tensor for e in live)
+    live_ptrs = ops.storage_ptrs([e.tensor for e in live]).tolist()
+    sharing = Counter(p for p in live_ptrs if p != 0)
+    watched = tuple(e.tensor for e, p in zip(live, live_ptrs) if sharing[p] > 1)
     return Layout(
         targets=tuple(targets),
         units=tuple(units),
@@ -206,9 +212,10 @@ def _install_hooks() -> None:
 
 def layout_of(model: nn.Module) -> Layout:
     """The model's layout, rebuilt when it no longer matches the model: a parameter,
-    buffer or module was registered anywhere, or a tensor's storage changed
-    (``p.data = ...``). Edits that bypass nn.Module (writing ``module._parameters``
-    directly, ``del module.weight``) are not seen: call forget(model) after them."""
+    buffer or module was registered anywhere, a lazy tensor materialized, or the
+    storage of a tensor that shares it changed (``p.data = ...``). Edits that bypass
+    nn.Module (writing ``module._parameters`` directly, ``del module.weight``) are
+    not seen: call forget(model) after them."""
     _install_hooks()
     layout = _layouts.get(model)
     if layout is None or not layout.is_current():

@@ -7,6 +7,7 @@ import enum
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from fastreload import _C  # noqa: F401  (loading it registers the ops)
 
@@ -47,24 +48,43 @@ def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> N
     torch.ops.fastreload.batched_copy_.default(list(dst), list(src))
 
 
+# The fake kernels below also serve the Meta dispatch key, which a real call reaches
+# when its lists mix meta tensors with real ones: such a call is sent on to the
+# real kernel (where meta tensors have no bytes, and copying from or into one is
+# refused) rather than answered with an uninitialized tensor.
+_REAL_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _is_real_call(*lists) -> bool:
+    return not any(is_fake(t) for tensors in lists for t in tensors)
+
+
 @torch.library.register_fake("fastreload::storage_ptrs")
 def _(tensors):
+    if _is_real_call(tensors):
+        return torch.ops.fastreload.storage_ptrs.default.redispatch(_REAL_KERNEL, tensors)
     return torch.empty(len(tensors), dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("fastreload::storage_alias_mask")
 def _(tensors, against):
+    if _is_real_call(tensors, against):
+        return torch.ops.fastreload.storage_alias_mask.default.redispatch(_REAL_KERNEL, tensors, against)
     return torch.empty(len(tensors), dtype=torch.bool, device="cpu")
 
 
 @torch.library.register_fake("fastreload::batched_copy_check")
 def _(dst, src):
+    if _is_real_call(dst, src):
+        return torch.ops.fastreload.batched_copy_check.default.redispatch(_REAL_KERNEL, dst, src)
     torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
     return torch.empty(len(dst), dtype=torch.int8, device="cpu")
 
 
 @torch.library.register_fake("fastreload::batched_copy_")
 def _(dst, src):
+    if _is_real_call(dst, src):
+        return torch.ops.fastreload.batched_copy_.default.redispatch(_REAL_KERNEL, dst, src)
     torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
     for i, (d, s) in enumerate(zip(dst, src)):
         torch._check(d.shape == s.shape, lambda: f"pair {i}: shapes {tuple(d.shape)} vs {tuple(s.shape)}")

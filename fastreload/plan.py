@@ -18,7 +18,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout
 
-__all__ = ["Plan", "Work", "check_pairs", "plan_for", "resolve"]
+__all__ = ["Plan", "StaleLayout", "Work", "check_pairs", "plan_for", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,14 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
                 tuple(missing), tuple(unexpected))
 
 
+class StaleLayout(Exception):
+    """Two targets of the layout share bytes now: the model's storage changed since
+    the layout was made (``p.data = q.data``); make it again."""
+
+
 def check_pairs(work: Work) -> None:
     """Raises ReloadError naming every pair batched_copy_ would refuse (shape,
-    dtype, device, shared memory); writes nothing."""
+    dtype, device, shared memory), or StaleLayout; writes nothing."""
     mismatched = pair_problems(work.dsts, work.srcs, work.names)
     if mismatched:
         raise ReloadError(mismatched=mismatched)
@@ -151,6 +156,8 @@ def pair_problems(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names) -> 
     problems = ops.batched_copy_check(dsts, srcs)
     if not problems.any():
         return {}
+    if (problems == ops.PairProblem.DESTINATION_OVERLAP).any():
+        raise StaleLayout()
     return {names[i]: _explain(problems[i].item(), dsts[i], srcs[i])
             for i in problems.nonzero().flatten().tolist()}
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from fastreload import ops
-from fastreload.model import layout_of
-from fastreload.plan import check_pairs, plan_for, resolve
+from fastreload.model import Layout, forget, layout_of
+from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, resolve
 from fastreload.report import ReloadReport
 
 __all__ = ["DEFAULT_BATCH_BYTES", "reload_layerwise"]
@@ -22,6 +22,21 @@ logger = logging.getLogger("fastreload")
 # One batch is checked by batched_copy_ itself as it copies; several need one
 # check of every pair first, so that no batch is written before a refused one.
 DEFAULT_BATCH_BYTES = 2**30
+
+
+def _copy(model, state_dict, strict, batch_bytes) -> tuple[Layout, Work]:
+    layout = layout_of(model)
+    work = resolve(plan_for(layout, batch_bytes), state_dict, strict=strict)
+    if len(work.batches) > 1:
+        check_pairs(work)  # a refusal in a later batch must not follow written ones
+    try:
+        for dsts, srcs in work.batches:
+            ops.batched_copy_(dsts, srcs)
+    except RuntimeError:
+        if len(work.batches) == 1:
+            check_pairs(work)  # batched_copy_ refused the batch whole: name the pairs
+        raise
+    return layout, work
 
 
 def reload_layerwise(
@@ -54,17 +69,11 @@ def reload_layerwise(
     # Inference mode admits in-place writes into inference tensors as well as normal
     # ones, and keeps autograd out of every op call over the model's tensors.
     with torch.inference_mode():
-        layout = layout_of(model)
-        work = resolve(plan_for(layout, batch_bytes), state_dict, strict=strict)
-        if len(work.batches) > 1:
-            check_pairs(work)  # a refusal in a later batch must not follow written ones
         try:
-            for dsts, srcs in work.batches:
-                ops.batched_copy_(dsts, srcs)
-        except RuntimeError:
-            if len(work.batches) == 1:
-                check_pairs(work)  # batched_copy_ refused the batch whole: name the pairs
-            raise
+            layout, work = _copy(model, state_dict, strict, batch_bytes)
+        except StaleLayout:
+            forget(model)
+            layout, work = _copy(model, state_dict, strict, batch_bytes)
     skipped = dict(layout.skipped)
     if work.missing:
         skipped["missing"] = work.missing

@@ -443,3 +443,19 @@ def test_logger_reports_each_reload(caplog):
     with caplog.at_level("DEBUG", logger="fastreload"):
         reload_layerwise(model, fresh_values(model))
     assert any("reloaded" in r.message for r in caplog.records)
+
+
+def test_storage_shared_after_the_layout_was_made_is_seen():
+    model = nn.Module()
+    model.a = nn.Linear(3, 3, bias=False)
+    model.b = nn.Linear(3, 3, bias=False)
+    reload_layerwise(model, fresh_values(model))
+    model.b.weight.data = model.a.weight.data  # tied now, without any registration
+    source = {"a.weight": torch.ones(3, 3), "b.weight": torch.ones(3, 3)}
+    report = reload_layerwise(model, source)
+    assert report.skipped["tied"] == ("b.weight",)
+    source["b.weight"] = torch.zeros(3, 3)
+    before = snapshot(model)
+    with pytest.raises(ReloadError, match="b.weight"):
+        reload_layerwise(model, source)
+    assert_untouched(model, before)

@@ -22,8 +22,7 @@ constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
 constexpr int64_t kStreamStoreMinBytes = int64_t{8} << 20;
 
 void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
-  check_pairs(dst, src);
-  const DescribedBatch batch = describe_pairs(dst, src);
+  const DescribedBatch batch = checked_batch(dst, src);
   const std::vector<CopyChunk> chunks =
       plan_chunks(batch.fused.data(), static_cast<int64_t>(batch.fused.size()), kCpuChunkBytes);
 

@@ -1,7 +1,9 @@
 # Everything a fresh machine needs: `make test` (build + all tests), `make bench`
 # (the MoE reload benchmark). Both create the virtual environment on first use,
 # reusing an already installed torch (the system site packages are visible) or
-# installing $(TORCH).
+# installing $(TORCH). Where a CUDA toolkit exists, `make test` also builds the
+# CUDA variant against a CUDA torch in .venv-cuda and runs the suite on it
+# (scripts/check-cuda-build; GPU tests skip without a GPU).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)
 
-.PHONY: test bench install pytest ctest clean
+.PHONY: test bench install pytest ctest cuda-check clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -30,10 +32,13 @@ ctest: $(VENV)/.ready
 pytest: install
 	$(PY) -m pytest tests -q
 
-test: install ctest pytest
+cuda-check:
+	MAX_JOBS=$(JOBS) scripts/check-cuda-build
+
+test: install ctest pytest cuda-check
 
 bench: install
 	$(PY) benchmarks/reload_moe.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build $(VENV) fastreload/_C*.so *.egg-info
+	rm -rf build $(VENV) .venv-cuda fastreload/_C*.so *.egg-info

@@ -56,27 +56,49 @@ def check_nvcc_matches_torch():
             "at one, or set FASTRELOAD_FORCE_CPU=1")
 
 
+def pip_cuda_include_dirs():
+    """Headers torch includes (cusparse.h, cublas_v2.h, ...) that a bare toolkit may lack
+    but torch's own pip dependencies carry, under site-packages/nvidia/cu<major>/include."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    major = torch.version.cuda.split(".")[0]
+    candidates = [os.path.join(p, f"cu{major}", "include") for p in nvidia.__path__]
+    return [d for d in candidates if os.path.isdir(d)]
+
+
 def extension():
     sources = relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
                        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     # ATen's parallel_for is inline OpenMP: without -fopenmp it silently runs serially.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if cuda_build_wanted(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        print(f"fastreload: building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
+              f"with {CUDA_HOME}")
         return CUDAExtension(
             "fastreload._C",
             sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            include_dirs=pip_cuda_include_dirs(),
+            extra_compile_args={"cxx": cxx_flags,
+                                "nvcc": ["-O3", "-Xcompiler", "-fopenmp"]},
             extra_link_args=link_flags,
         )
     return CppExtension("fastreload._C", sources, extra_compile_args={"cxx": cxx_flags},
                         extra_link_args=link_flags)
 
 
+EXTENSION = extension()
+VARIANT = "cuda" if any(s.endswith(".cu") for s in EXTENSION.sources) else "cpu"
+
 setup(
     packages=find_packages(include=["fastreload", "fastreload.*"]),
-    ext_modules=[extension()],
+    ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExtension},
+    # The CPU and CUDA variants keep their objects apart, so switching between the
+    # two environments does not rebuild everything.
+    options={"build": {"build_base": os.path.join("build", VARIANT)}},
 )

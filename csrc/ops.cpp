@@ -24,4 +24,8 @@ TORCH_LIBRARY(fastreload, m) {
   m.def("batched_copy_check(Tensor[] dst, Tensor[] src) -> Tensor");
   // dst[i] <- src[i] for every pair, dtype converted, in one fused pass; nothing written on error.
   m.def("batched_copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
+  // [host table (CPU bytes), device table]: batched_copy_'s descriptors for these exact pairs.
+  m.def("batched_copy_table(Tensor[] dst, Tensor[] src) -> Tensor[]");
+  // batched_copy_ launched from a prebuilt table: no allocation or upload, so capturable.
+  m.def("batched_copy_with_table_(Tensor(a!)[] dst, Tensor[] src, Tensor host_table, Tensor device_table) -> ()");
 }

@@ -11,7 +11,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fastreload import _C  # noqa: F401  (loading it registers the ops)
 
-__all__ = ["PairProblem", "batched_copy_", "batched_copy_check", "storage_alias_mask", "storage_ptrs"]
+__all__ = [
+    "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",
+    "batched_copy_with_table_", "storage_alias_mask", "storage_ptrs",
+]
 
 
 class PairProblem(enum.IntEnum):
@@ -46,6 +49,41 @@ def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> N
     if len(dst) == 0 and len(src) == 0:
         return  # no tensor to dispatch on; nothing to do
     torch.ops.fastreload.batched_copy_.default(list(dst), list(src))
+
+
+def batched_copy_table(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(host table, device table): batched_copy_'s descriptors for exactly these CUDA
+    pairs, built and uploaded once. Sources must be on the device or in pinned host memory."""
+    host, device = torch.ops.fastreload.batched_copy_table.default(list(dst), list(src))
+    return host, device
+
+
+def batched_copy_with_table_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
+                             host_table: torch.Tensor, device_table: torch.Tensor) -> None:
+    """batched_copy_ launched from a table of batched_copy_table: no allocation, upload or
+    synchronization, so it can be captured in a CUDA graph. The pairs are checked as
+    always, and must be the ones the table was built for."""
+    torch.ops.fastreload.batched_copy_with_table_.default(list(dst), list(src), host_table, device_table)
+
+
+class ReplayableCopy:
+    """A batched copy between fixed CUDA tensors that can be captured in a CUDA graph:
+
+        copy = ReplayableCopy(model_tensors, staging_tensors)
+        copy()                       # a plain call works too
+        with torch.cuda.graph(g):
+            copy()                   # captured; g.replay() copies the current values
+
+    Keep the object (and so its device table) alive as long as a graph that captured it.
+    """
+
+    def __init__(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+        self.dst = list(dst)
+        self.src = list(src)
+        self.host_table, self.device_table = batched_copy_table(self.dst, self.src)
+
+    def __call__(self) -> None:
+        batched_copy_with_table_(self.dst, self.src, self.host_table, self.device_table)
 
 
 # The fake kernels below also serve the Meta dispatch key, which a real call reaches
@@ -88,3 +126,16 @@ def _(dst, src):
     torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
     for i, (d, s) in enumerate(zip(dst, src)):
         torch._check(d.shape == s.shape, lambda: f"pair {i}: shapes {tuple(d.shape)} vs {tuple(s.shape)}")
+
+
+@torch.library.register_fake("fastreload::batched_copy_table")
+def _(dst, src):
+    torch._check(len(dst) > 0, lambda: "batched_copy_table: needs at least one pair")
+    size = torch.library.get_ctx().new_dynamic_size()
+    return [torch.empty(size, dtype=torch.uint8, device="cpu"),
+            torch.empty(size, dtype=torch.uint8, device=dst[0].device)]
+
+
+@torch.library.register_fake("fastreload::batched_copy_with_table_")
+def _(dst, src, host_table, device_table):
+    torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")

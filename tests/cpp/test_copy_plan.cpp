@@ -135,6 +135,38 @@ void test_conversions_match_aten() {
   }
 }
 
+// A whole batch executed as the CUDA kernel does it: 64 KiB chunks, 256 lanes
+// per chunk, every kind pair, sizes from 0 up, start offsets at every element
+// position modulo 16 bytes, 1 to 100,000 pairs.
+void test_batches_with_device_lanes() {
+  std::mt19937 rng(7);
+  for (int64_t count : {1, 10, 1000, 100000}) {
+    std::vector<at::Tensor> sources, targets, expected;
+    std::vector<CopyDesc> descs;
+    for (int64_t i = 0; i < count; ++i) {
+      const auto& [src_kind, src_type] = kFloatKinds[rng() % kFloatKinds.size()];
+      const auto& [dst_kind, dst_type] = kFloatKinds[rng() % kFloatKinds.size()];
+      const int64_t numel = count == 100000 ? rng() % 40 : (i % 7 == 0 ? 0 : rng() % 3000);
+      const int64_t src_offset = rng() % 16, dst_offset = rng() % 16;
+      at::Tensor src = (at::randn({numel + src_offset}, at::kDouble) * 100).to(src_type).slice(0, src_offset);
+      at::Tensor dst = at::zeros({numel + dst_offset}, dst_type).slice(0, dst_offset);
+      const bool same = src_kind == dst_kind;
+      descs.push_back(CopyDesc{static_cast<const char*>(src.const_data_ptr()),
+                               static_cast<char*>(dst.data_ptr()),
+                               same ? numel * src.element_size() : numel,
+                               same ? ElemKind::kBytes : src_kind, same ? ElemKind::kBytes : dst_kind});
+      expected.push_back(src.to(dst_type));
+      sources.push_back(src);
+      targets.push_back(dst);
+    }
+    const auto chunks = fastreload::plan_chunks(descs.data(), count, 64 << 10);
+    for (const CopyChunk& c : chunks) run_chunk(descs[c.desc], c, 256);
+    bool equal = true;
+    for (int64_t i = 0; i < count; ++i) equal = equal && same_values(targets[i], expected[i]);
+    EXPECT(equal, "%ld pairs copied by 256-lane chunks equal Tensor::to", (long)count);
+  }
+}
+
 void test_pair_checks() {
   at::Tensor buffer = at::zeros({64});
   at::Tensor a = buffer.slice(0, 0, 32), b = buffer.slice(0, 16, 48), c = buffer.slice(0, 48, 64);
@@ -199,6 +231,7 @@ int main() {
       {"plan covers every element once", test_plan_covers_every_element_once},
       {"byte copies at every alignment", test_byte_copies_every_alignment},
       {"conversions match ATen", test_conversions_match_aten},
+      {"batches with device lanes", test_batches_with_device_lanes},
       {"pair checks", test_pair_checks},
       {"op through the dispatcher", test_op_through_dispatcher},
   };

@@ -111,20 +111,39 @@ void launch(const Table& table, const uint8_t* on_device, const at::cuda::CUDASt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Pinned-ness is a property of the storage; asking the driver once per storage
-// keeps many views of one pinned buffer cheap.
-std::vector<bool> pageable_sources(at::TensorList src, const std::vector<int64_t>& pairs) {
-  std::unordered_map<const void*, bool> pinned_storages;
-  std::vector<bool> pageable(pairs.size(), false);
+// Which fused pairs read pageable host memory, and the pinned host storages the
+// kernel reads directly. Pinned-ness is a property of the storage: asking the
+// driver once per storage keeps many views of one pinned buffer cheap.
+struct HostSources {
+  std::vector<bool> pageable;               // by fused pair
+  std::vector<c10::Storage> pinned;         // distinct storages
+};
+
+HostSources host_sources(at::TensorList src, const std::vector<int64_t>& pairs) {
+  std::unordered_map<const void*, bool> is_pinned;
+  HostSources host;
+  host.pageable.assign(pairs.size(), false);
   for (const auto k : c10::irange(pairs.size())) {
     const at::Tensor& s = src[pairs[k]];
     if (!s.is_cpu()) continue;
     const void* storage = s.storage().data();
-    auto found = pinned_storages.find(storage);
-    if (found == pinned_storages.end()) found = pinned_storages.emplace(storage, s.is_pinned()).first;
-    pageable[k] = !found->second;
+    auto found = is_pinned.find(storage);
+    if (found == is_pinned.end()) {
+      found = is_pinned.emplace(storage, s.is_pinned()).first;
+      if (found->second) host.pinned.push_back(s.storage());
+    }
+    host.pageable[k] = !found->second;
   }
-  return pageable;
+  return host;
+}
+
+// Like Tensor.copy_ from pinned memory: the caching host allocator must not hand a
+// source's block out again before the launch that reads it has run.
+void hold_pinned_sources(const HostSources& host, const at::cuda::CUDAStream& stream) {
+  for (const c10::Storage& storage : host.pinned) {
+    at::getHostAllocator(at::kCUDA)->record_event(
+        const_cast<void*>(storage.data()), storage.data_ptr().get_context(), stream.unwrap());
+  }
 }
 
 bool capturing() {
@@ -187,10 +206,10 @@ void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
   const c10::cuda::CUDAGuard guard(dst[0].device());
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
 
-  const std::vector<bool> pageable = pageable_sources(src, batch.fused_pairs);
+  const HostSources host = host_sources(src, batch.fused_pairs);
   std::vector<CopyDesc> direct, staged;
   for (const auto k : c10::irange(batch.fused.size())) {
-    (pageable[k] ? staged : direct).push_back(batch.fused[k]);
+    (host.pageable[k] ? staged : direct).push_back(batch.fused[k]);
   }
   TORCH_CHECK(!capturing(),
               "batched_copy_: cannot upload a descriptor table during CUDA graph capture; build it "
@@ -200,6 +219,7 @@ void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
   if (table.num_chunks > 0) {
     const at::Tensor on_device = upload(table.bytes, dst[0].device(), stream);
     launch(table, on_device.const_data_ptr<uint8_t>(), stream);
+    hold_pinned_sources(host, stream);
   }
   copy_pageable(staged, dst[0].device(), stream);
   copy_fallback(dst, src, batch);
@@ -210,18 +230,18 @@ std::vector<at::Tensor> batched_copy_table(at::TensorList dst, at::TensorList sr
   TORCH_CHECK(!dst.empty(), "batched_copy_table: needs at least one pair");
   const DescribedBatch batch = checked_batch(dst, src);
   const c10::cuda::CUDAGuard guard(dst[0].device());
-  const std::vector<bool> pageable = pageable_sources(src, batch.fused_pairs);
+  const HostSources host = host_sources(src, batch.fused_pairs);
   for (const auto k : c10::irange(batch.fused.size())) {
-    TORCH_CHECK(!pageable[k], "batched_copy_table: the source of pair ", batch.fused_pairs[k],
+    TORCH_CHECK(!host.pageable[k], "batched_copy_table: the source of pair ", batch.fused_pairs[k],
                 " is in pageable host memory; a replayable copy reads its sources on the device "
                 "or in pinned host memory (Tensor.pin_memory())");
   }
   const Table table = pack_table(batch.fused);
-  at::Tensor host = at::empty({static_cast<int64_t>(table.bytes.size())}, at::kByte);
-  std::memcpy(host.data_ptr(), table.bytes.data(), table.bytes.size());
-  at::Tensor on_device = device_bytes(host.numel(), dst[0].device());
-  on_device.copy_(host);
-  return {host, on_device};
+  at::Tensor host_table = at::empty({static_cast<int64_t>(table.bytes.size())}, at::kByte);
+  std::memcpy(host_table.data_ptr(), table.bytes.data(), table.bytes.size());
+  at::Tensor device_table = device_bytes(host_table.numel(), dst[0].device());
+  device_table.copy_(host_table);
+  return {host_table, device_table};
 }
 
 // The launch of a table built by batched_copy_table: no allocation, no upload.

@@ -201,6 +201,11 @@ void copy_fallback(at::TensorList dst, at::TensorList src, const DescribedBatch&
 }
 
 void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
+  // Checked first: the host-source probes below are driver calls capture forbids.
+  TORCH_CHECK(!capturing(),
+              "batched_copy_: cannot upload a descriptor table during CUDA graph capture; build it "
+              "before capture with batched_copy_table and capture batched_copy_with_table_ "
+              "(fastreload.ops.ReplayableCopy)");
   const DescribedBatch batch = checked_batch(dst, src);
   if (dst.empty()) return;
   const c10::cuda::CUDAGuard guard(dst[0].device());
@@ -211,9 +216,6 @@ void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
   for (const auto k : c10::irange(batch.fused.size())) {
     (host.pageable[k] ? staged : direct).push_back(batch.fused[k]);
   }
-  TORCH_CHECK(!capturing(),
-              "batched_copy_: cannot upload a descriptor table during CUDA graph capture; build it "
-              "before capture with batched_copy_table and capture batched_copy_with_table_");
 
   const Table table = pack_table(direct);
   if (table.num_chunks > 0) {

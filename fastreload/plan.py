@@ -96,6 +96,7 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
     unexpected: list[str] = []
     uninitialized: list[str] = []
     conflicts: list[str] = []
+    not_tensors: list[str] = []
     # The common case, a source holding exactly the leading names, skips this scan.
     kinds = set(map(type, values))
     if len(source) != len(plan.leading) or not all(issubclass(k, torch.Tensor) for k in kinds):
@@ -103,7 +104,9 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
             index = layout.target_index.get(name)
             if index is not None:  # a tied second name
                 value = source[name]
-                if values[index] is None:
+                if not isinstance(value, torch.Tensor):
+                    not_tensors.append(name)
+                elif values[index] is None:
                     values[index] = value
                 elif not _same_values(values[index], value):
                     conflicts.append(name)
@@ -112,8 +115,8 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
             elif name not in layout.ignored:
                 unexpected.append(name)
         missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
-        not_tensors = [plan.leading[i] for i, v in enumerate(values)
-                       if v is not None and not isinstance(v, torch.Tensor)]
+        not_tensors += [plan.leading[i] for i, v in enumerate(values)
+                        if v is not None and not isinstance(v, torch.Tensor)]
         if not_tensors:
             raise TypeError(f"source values must be tensors; not so for {not_tensors[:20]}")
 
@@ -163,7 +166,7 @@ def pair_problems(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names) -> 
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.dtype)))
+    return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
 
 
 def _explain(problem: int, dst: torch.Tensor, src: torch.Tensor) -> str:

@@ -459,3 +459,15 @@ def test_storage_shared_after_the_layout_was_made_is_seen():
     with pytest.raises(ReloadError, match="b.weight"):
         reload_layerwise(model, source)
     assert_untouched(model, before)
+
+
+def test_source_values_must_be_tensors():
+    model = Decoder(layers=1, tie=True)
+    source = fresh_values(model)
+    source["head.weight"] = [[0.0] * 8] * 10
+    with pytest.raises(TypeError, match="head.weight"):
+        reload_layerwise(model, source)
+    source["head.weight"] = source["embed.weight"]
+    source["layers.0.scale"] = None
+    with pytest.raises((TypeError, ReloadError), match="layers.0.scale"):
+        reload_layerwise(model, source)

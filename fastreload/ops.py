@@ -130,6 +130,8 @@ def _(dst, src):
 
 @torch.library.register_fake("fastreload::batched_copy_table")
 def _(dst, src):
+    if _is_real_call(dst, src):
+        raise RuntimeError("batched_copy_table: meta tensors have no bytes to copy")
     torch._check(len(dst) > 0, lambda: "batched_copy_table: needs at least one pair")
     size = torch.library.get_ctx().new_dynamic_size()
     return [torch.empty(size, dtype=torch.uint8, device="cpu"),
@@ -138,4 +140,6 @@ def _(dst, src):
 
 @torch.library.register_fake("fastreload::batched_copy_with_table_")
 def _(dst, src, host_table, device_table):
+    if _is_real_call(dst, src):
+        raise RuntimeError("batched_copy_with_table_: meta tensors have no bytes to copy")
     torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")

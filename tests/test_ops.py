@@ -738,3 +738,13 @@ def test_empty_lists():
     assert codes.dtype == torch.int8 and codes.shape == (0,)
     assert ops.storage_ptrs([]).shape == (0,)
     assert ops.storage_alias_mask([], []).shape == (0,)
+
+
+def test_table_ops_refuse_meta_tensors_instead_of_doing_nothing():
+    # A meta tensor in the lists sends the call to the fake kernel: it must not pass silently.
+    dst, meta = torch.zeros(3), torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        ops.batched_copy_with_table_([dst], [meta], torch.zeros(1, dtype=torch.uint8),
+                                     torch.zeros(1, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="meta"):
+        ops.batched_copy_table([dst], [meta])

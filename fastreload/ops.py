@@ -9,7 +9,13 @@ from collections.abc import Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from fastreload import _C  # noqa: F401  (loading it registers the ops)
+try:
+    from fastreload import _C  # noqa: F401  (loading it registers the ops)
+except ImportError as error:
+    raise ImportError(
+        f"fastreload's operator library could not be loaded ({error}). Build it against the torch "
+        f"in use ({torch.__version__}): `pip install --no-build-isolation .` in the source tree, "
+        "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
     "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from fastreload import ops
 from fastreload.model import Layout, forget, layout_of
 from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, resolve
 from fastreload.report import ReloadReport
+from fastreload.sources import open_source
 
 __all__ = ["DEFAULT_BATCH_BYTES", "reload_layerwise"]
 
@@ -41,15 +43,18 @@ def _copy(model, state_dict, strict, batch_bytes) -> tuple[Layout, Work]:
 
 def reload_layerwise(
     model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str | os.PathLike],
     *,
     strict: bool = True,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> ReloadReport:
     """Writes new weights into the model's existing tensors, in place.
 
-    Every parameter and persistent buffer named in ``state_dict`` (keyed like
-    ``model.state_dict()``) receives the source's values, converted to its dtype;
+    ``state_dict`` is a mapping keyed like ``model.state_dict()``, or safetensors on
+    disk: a file, a directory of shards (with or without its index), an index file,
+    or a list of paths; files are read through memory maps and every header is
+    checked before anything is written. Every parameter and persistent buffer named
+    in the source receives the source's values, converted to its dtype;
     every tensor keeps its object, storage and data pointer, so captured CUDA
     graphs and kernels holding raw pointers stay valid. Layers are copied in fused
     batches of up to ``batch_bytes``.
@@ -64,8 +69,7 @@ def reload_layerwise(
     at uninitialized parameters.
     """
     started = time.perf_counter()
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"reload_layerwise expects a Mapping[str, Tensor], got {type(state_dict).__name__}")
+    state_dict = open_source(state_dict)
     # Inference mode admits in-place writes into inference tensors as well as normal
     # ones, and keeps autograd out of every op call over the model's tensors.
     with torch.inference_mode():

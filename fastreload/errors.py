@@ -1,4 +1,6 @@
-"""The errors a reload raises. Every one is raised before the first byte is written."""
+"""The errors a reload raises. A mapping or files are checked whole before the first
+byte is written; a stream is checked layer by layer, and its errors name the layers
+already written and those not."""
 
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ class ReloadError(RuntimeError):
     Attributes hold every problem found, by kind, keyed by state_dict name:
     missing, unexpected, mismatched (name -> "expected ... got ..."), uninitialized
     (source tensors aimed at parameters that cannot be loaded in place), conflicts
-    (tied names with different values) and overlapping (model tensors that share
-    bytes without being the same tensor).
+    (tied names with different values), overlapping (model tensors that share
+    bytes without being the same tensor) and duplicates (names a stream sent twice).
+    For a stream, written_layers and unwritten_layers say where it stopped; they are
+    empty when nothing was written.
     """
 
     def __init__(
@@ -35,6 +39,10 @@ class ReloadError(RuntimeError):
         uninitialized: Iterable[str] = (),
         conflicts: Iterable[str] = (),
         overlapping: Iterable[str] = (),
+        duplicates: Iterable[str] = (),
+        held_over: str = "",
+        written_layers: Iterable[str] = (),
+        unwritten_layers: Iterable[str] = (),
     ) -> None:
         self.missing = tuple(missing)
         self.unexpected = tuple(unexpected)
@@ -42,6 +50,9 @@ class ReloadError(RuntimeError):
         self.uninitialized = tuple(uninitialized)
         self.conflicts = tuple(conflicts)
         self.overlapping = tuple(overlapping)
+        self.duplicates = tuple(duplicates)
+        self.written_layers = tuple(written_layers)
+        self.unwritten_layers = tuple(unwritten_layers)
         lines = []
         if self.missing:
             lines.append(f"missing from the source: {_names(self.missing)}")
@@ -61,4 +72,14 @@ class ReloadError(RuntimeError):
             lines.append(
                 "model tensors share bytes without being the same tensor, so no write order is "
                 f"right: {_names(self.overlapping)}")
-        super().__init__("reload refused, nothing was written:\n  " + "\n  ".join(lines))
+        if self.duplicates:
+            lines.append(f"arrived twice in one reload: {_names(self.duplicates)}")
+        if held_over:
+            lines.append(held_over)
+        if self.written_layers:
+            lines.append(f"layers already written: {_names(self.written_layers)}")
+            lines.append(f"layers not written: {_names(self.unwritten_layers)}")
+            headline = f"reload stopped after writing {len(self.written_layers)} layers"
+        else:
+            headline = "reload refused, nothing was written"
+        super().__init__(headline + ":\n  " + "\n  ".join(lines))

@@ -33,6 +33,7 @@ class Plan:
     leading_set: frozenset[str]
     fetch_leading: operator.itemgetter
     dsts: tuple[torch.Tensor, ...]
+    unit_of: tuple[int, ...]  # the layer (index into layout.units) of each target
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
     leading = tuple(t.name for t in layout.targets)
     # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
     fetch = operator.itemgetter(*leading) if len(leading) != 1 else (lambda m: (m[leading[0]],))
+    unit_of = tuple(u for u, unit in enumerate(layout.units) for _ in range(unit.start, unit.stop))
     return Plan(layout, tuple(batches), tuple(sizes), sum(sizes), leading, frozenset(leading),
-                fetch, tuple(t.tensor for t in layout.targets))
+                fetch, tuple(t.tensor for t in layout.targets), unit_of)
 
 
 def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> Work:
@@ -108,7 +110,7 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
                     not_tensors.append(name)
                 elif values[index] is None:
                     values[index] = value
-                elif not _same_values(values[index], value):
+                elif not same_values(values[index], value):
                     conflicts.append(name)
             elif name in layout.uninitialized:
                 uninitialized.append(name)
@@ -165,7 +167,7 @@ def pair_problems(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names) -> 
             for i in problems.nonzero().flatten().tolist()}
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
 
 

@@ -15,8 +15,9 @@ from fastreload.model import Layout, forget, layout_of
 from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, resolve
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
+from fastreload.stream import consume
 
-__all__ = ["DEFAULT_BATCH_BYTES", "reload_layerwise"]
+__all__ = ["DEFAULT_BATCH_BYTES", "DEFAULT_STREAM_BATCH_BYTES", "reload_layerwise"]
 
 logger = logging.getLogger("fastreload")
 
@@ -24,6 +25,8 @@ logger = logging.getLogger("fastreload")
 # One batch is checked by batched_copy_ itself as it copies; several need one
 # check of every pair first, so that no batch is written before a refused one.
 DEFAULT_BATCH_BYTES = 2**30
+# A stream holds completed layers until they fill a batch: a smaller budget there.
+DEFAULT_STREAM_BATCH_BYTES = 256 * 2**20
 
 
 def _copy(model, state_dict, strict, batch_bytes) -> tuple[Layout, Work]:
@@ -46,7 +49,8 @@ def reload_layerwise(
     state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str | os.PathLike],
     *,
     strict: bool = True,
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    batch_bytes: int | None = None,
+    max_held_bytes: int | None = None,
 ) -> ReloadReport:
     """Writes new weights into the model's existing tensors, in place.
 
@@ -69,10 +73,16 @@ def reload_layerwise(
     at uninitialized parameters.
     """
     started = time.perf_counter()
-    state_dict = open_source(state_dict)
+    kind, source = open_source(state_dict)
+    if kind == "stream":
+        return _reload_stream(model, source, strict,
+                              DEFAULT_STREAM_BATCH_BYTES if batch_bytes is None else batch_bytes,
+                              max_held_bytes, started)
+    state_dict = source
     # Inference mode admits in-place writes into inference tensors as well as normal
     # ones, and keeps autograd out of every op call over the model's tensors.
     with torch.inference_mode():
+        batch_bytes = DEFAULT_BATCH_BYTES if batch_bytes is None else batch_bytes
         try:
             layout, work = _copy(model, state_dict, strict, batch_bytes)
         except StaleLayout:
@@ -90,6 +100,30 @@ def reload_layerwise(
         batched_copy_calls=len(work.batches),
         seconds=time.perf_counter() - started,
         skipped=skipped,
+        source=kind,
+        # A mapping's tensors are the caller's, already in memory: not counted.
+        bytes_read=None if kind == "mapping" else sum(t.numel() * t.element_size() for t in work.srcs),
     )
+    logger.debug("%s", report)
+    return report
+
+
+def _reload_stream(model, pairs, strict, batch_bytes, max_held_bytes, started) -> ReloadReport:
+    if batch_bytes <= 0:
+        raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
+    with torch.inference_mode():
+        layout = layout_of(model)
+        result = consume(plan_for(layout, batch_bytes), pairs, strict=strict,
+                         batch_bytes=batch_bytes, max_held_bytes=max_held_bytes)
+    skipped = dict(layout.skipped)
+    if result.missing:
+        skipped["missing"] = result.missing
+    if result.unexpected:
+        skipped["unexpected"] = result.unexpected
+    report = ReloadReport(
+        layers=result.layers, tensors=result.tensors, bytes=result.bytes,
+        batched_copy_calls=result.batched_copy_calls, seconds=time.perf_counter() - started,
+        skipped=skipped, source="stream", bytes_read=result.bytes_read,
+        peak_held_bytes=result.peak_held_bytes)
     logger.debug("%s", report)
     return report

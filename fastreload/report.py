@@ -26,6 +26,12 @@ class ReloadReport:
     batched_copy_calls: int
     seconds: float
     skipped: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # "mapping", "safetensors" or "stream"; bytes of source tensors read (None for a
+    # mapping, whose tensors are already in memory); for a stream, the most bytes of
+    # incoming tensors held at once for layers not yet written.
+    source: str = "mapping"
+    bytes_read: int | None = None
+    peak_held_bytes: int = 0
 
     @property
     def gbps(self) -> float:

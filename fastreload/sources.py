@@ -17,7 +17,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,16 +182,20 @@ def _files_of_index(index: str) -> list[str]:
     return files
 
 
-def open_source(source) -> Mapping[str, torch.Tensor]:
-    """A mapping stays as it is; a path (str or os.PathLike) to a .safetensors file, a
-    directory of shards (with or without model.safetensors.index.json) or an index
-    file, or a list of such paths, opens as one SafetensorsSource."""
+def open_source(source) -> tuple[str, Mapping[str, torch.Tensor] | Iterable]:
+    """(kind, source): a mapping stays as it is ("mapping"); a path (str or
+    os.PathLike) to a .safetensors file, a directory of shards (with or without
+    model.safetensors.index.json) or an index file, or a list of such paths, opens as
+    one SafetensorsSource ("safetensors"); any other iterable is a stream of
+    (name, tensor) pairs, read once ("stream")."""
     if isinstance(source, Mapping):
-        return source
+        return "mapping", source
     if isinstance(source, (str, os.PathLike)):
-        return SafetensorsSource(_files_of(os.fspath(source)))
+        return "safetensors", SafetensorsSource(_files_of(os.fspath(source)))
     if isinstance(source, (list, tuple)) and source and all(
             isinstance(p, (str, os.PathLike)) for p in source):
-        return SafetensorsSource([f for p in source for f in _files_of(os.fspath(p))])
-    raise TypeError("reload_layerwise reads a Mapping[str, Tensor], a safetensors path, or a list "
-                    f"of safetensors paths; got {type(source).__name__}")
+        return "safetensors", SafetensorsSource([f for p in source for f in _files_of(os.fspath(p))])
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
+        return "stream", source
+    raise TypeError("reload_layerwise reads a Mapping[str, Tensor], an iterable of (name, tensor) "
+                    f"pairs, a safetensors path or a list of them; got {type(source).__name__}")

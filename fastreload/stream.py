@@ -1,0 +1,176 @@
+"""A reload from a stream of (name, tensor) pairs, in any order, read once.
+
+A layer is written as soon as every tensor it expects has arrived (tracked by
+name), after its pairs are checked; completed layers are coalesced into fused
+copies of up to batch_bytes. Only incoming tensors of layers not yet written are
+held, and their bytes are counted against an optional cap. An error names the
+layers already written and those not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+from fastreload.plan import Plan, StaleLayout, pair_problems, same_values
+
+__all__ = ["StreamResult", "consume"]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    tensors: int
+    bytes: int
+    layers: int
+    batched_copy_calls: int
+    bytes_read: int
+    peak_held_bytes: int
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _Consumer:
+    def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None):
+        self.plan = plan
+        self.layout = plan.layout
+        self.strict = strict
+        self.batch_bytes = batch_bytes
+        self.max_held_bytes = max_held_bytes
+        self.remaining = [u.stop - u.start for u in self.layout.units]
+        self.pending: dict[int, torch.Tensor] = {}  # target -> source, until written
+        self.written_targets: set[int] = set()
+        self.seen: set[str] = set()
+        self.held_bytes = 0  # sources of layers not complete, or complete but not written
+        self.peak_held_bytes = 0
+        self.ready: list[int] = []  # complete layers waiting for the next fused copy
+        self.ready_bytes = 0
+        self.written_units: list[int] = []
+        self.tensors = self.bytes = self.calls = self.bytes_read = 0
+        self.unexpected: list[str] = []
+
+    def fail(self, **problems) -> ReloadError:
+        written = set(self.written_units)
+        names = [u.prefix or "<root>" for u in self.layout.units]
+        return ReloadError(**problems,
+                           written_layers=[names[u] for u in self.written_units],
+                           unwritten_layers=[n for u, n in enumerate(names) if u not in written])
+
+    def take(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.seen:
+            raise self.fail(duplicates=[name])
+        self.seen.add(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"stream item {name!r}: expected a tensor, got {type(tensor).__name__}")
+        index = self.layout.target_index.get(name)
+        if index is None:
+            if name in self.layout.ignored:
+                return
+            if name in self.layout.uninitialized:
+                raise self.fail(uninitialized=[name])
+            if self.strict:
+                raise self.fail(unexpected=[name])
+            self.unexpected.append(name)
+            return
+        self.bytes_read += _nbytes(tensor)
+        if index in self.pending or index in self.written_targets:
+            # A tied second name: it must say what the first one said.
+            first = self.pending.get(index)
+            dst = self.plan.dsts[index]
+            same = (same_values(first, tensor) if first is not None else
+                    dst.shape == tensor.shape and torch.equal(dst, tensor.to(dst.device, dst.dtype)))
+            if not same:
+                raise self.fail(conflicts=[name])
+            return
+        self.pending[index] = tensor
+        self.held_bytes += _nbytes(tensor)
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        if self.max_held_bytes is not None and self.held_bytes > self.max_held_bytes:
+            raise self.fail(held_over=(
+                f"holding {self.held_bytes} bytes of tensors for layers not yet written, over "
+                f"max_held_bytes={self.max_held_bytes}: the stream sends layers' tensors too far "
+                "apart for this cap"))
+        unit = self.plan.unit_of[index]
+        self.remaining[unit] -= 1
+        if self.remaining[unit] == 0:
+            self.complete(unit)
+
+    def complete(self, unit: int) -> None:
+        u = self.layout.units[unit]
+        indices = range(u.start, u.stop)
+        self.check([self.plan.dsts[i] for i in indices], [self.pending[i] for i in indices],
+                   [self.plan.leading[i] for i in indices])
+        self.ready.append(unit)
+        self.ready_bytes += sum(_nbytes(self.pending[i]) for i in indices)
+        if self.ready_bytes >= self.batch_bytes:
+            self.flush()
+
+    def check(self, dsts, srcs, names) -> None:
+        try:
+            problems = pair_problems(dsts, srcs, names)
+        except StaleLayout:
+            problems = {n: "shares memory with another model tensor" for n in names}
+        if problems:
+            raise self.fail(mismatched=problems)
+
+    def flush(self) -> None:
+        if not self.ready:
+            return
+        indices = [i for unit in self.ready
+                   for i in range(self.layout.units[unit].start, self.layout.units[unit].stop)]
+        self.write(indices)
+        self.written_units += self.ready
+        self.ready, self.ready_bytes = [], 0
+
+    def write(self, indices: list[int]) -> None:
+        srcs = [self.pending.pop(i) for i in indices]
+        ops.batched_copy_([self.plan.dsts[i] for i in indices], srcs)
+        self.calls += 1
+        self.tensors += len(indices)
+        self.bytes += sum(self.plan.sizes[i] for i in indices)
+        self.held_bytes -= sum(_nbytes(s) for s in srcs)
+        self.written_targets.update(indices)
+
+    def finish(self) -> StreamResult:
+        incomplete = [u for u, left in enumerate(self.remaining) if left > 0]
+        missing = [self.plan.leading[i] for u in incomplete
+                   for i in range(self.layout.units[u].start, self.layout.units[u].stop)
+                   if i not in self.pending]
+        if missing and self.strict:
+            raise self.fail(missing=missing)  # before the last batch: it stays unwritten
+        self.flush()
+        partial = sorted(self.pending)  # strict=False: what did arrive of incomplete layers
+        if partial:
+            self.check([self.plan.dsts[i] for i in partial], [self.pending[i] for i in partial],
+                       [self.plan.leading[i] for i in partial])
+            self.write(partial)
+            self.written_units += incomplete
+        layers = len(set(self.written_units))
+        return StreamResult(self.tensors, self.bytes, layers, self.calls, self.bytes_read,
+                            self.peak_held_bytes, tuple(missing), tuple(self.unexpected))
+
+
+def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
+            max_held_bytes: int | None) -> StreamResult:
+    consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes)
+    iterator = iter(pairs)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except Exception as error:
+            raise consumer.fail(held_over=f"the stream failed: {error!r}") from error
+        try:
+            name, tensor = item
+        except (TypeError, ValueError):
+            raise TypeError(f"a stream yields (name, tensor) pairs, got {item!r:.80}") from None
+        consumer.take(name, tensor)
+    return consumer.finish()

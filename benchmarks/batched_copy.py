@@ -23,9 +23,6 @@ import dataclasses
 import gc
 import itertools
 import json
-import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -35,13 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-import fastreload
 from fastreload import ops
 
-DTYPES = {
-    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64,
-    "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
-}
+from common import (DTYPES, SourceFollowsDestination, fill_distinct, machine_info, machine_line,
+                    run_interleaved, timer)
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BATCHED = "batched_copy_"
 LIMIT = "limit"
@@ -55,7 +50,7 @@ UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "m
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SourceFollowsDestination):
     counts: tuple[int, ...] = (1, 10, 100, 1_000, 20_000, 100_000)
     sizes: tuple[int, ...] = (256, 4 * KiB, 48 * KiB, 1 * MiB, 64 * MiB)  # bytes per destination
     dtype: str = "bf16"
@@ -73,18 +68,6 @@ class Config:
     @property
     def dst_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-    @property
-    def src_dtype(self) -> torch.dtype:
-        return DTYPES[self.source_dtype or self.dtype]
-
-    @property
-    def src_device(self) -> str:
-        return self.source_device or self.device
-
-    @property
-    def on_cuda(self) -> bool:
-        return "cuda" in (torch.device(self.device).type, torch.device(self.src_device).type)
 
     @property
     def host_to_device(self) -> bool:
@@ -119,23 +102,10 @@ def sweep(cfg: Config) -> tuple[list[Point], list[Point]]:
 # ---------------------------------------------------------------------------
 # The tensors: one allocation each, like a model's parameters.
 
-def _pool(numel: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
-    """Random values with a sprinkling of NaN, infinities and negative zero, so the
-    conversions' special cases are exercised and checked too."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randn(numel, generator=g)
-    for k, value in enumerate((float("nan"), float("inf"), float("-inf"), -0.0)):
-        pool[k * 257::1031] = value
-    return pool.to(device=device, dtype=dtype)
-
-
 def _fill(tensors: list[torch.Tensor], seed: int) -> None:
-    """Every tensor a different window of one pool, so a swapped or shifted copy shows."""
-    spread = 1 << 16
-    pool = _pool(tensors[0].numel() + spread, tensors[0].dtype, str(tensors[0].device), seed)
-    for i, t in enumerate(tensors):
-        offset = (i * 7919) % spread
-        t.copy_(pool[offset:offset + t.numel()])
+    # NaN, infinities and negative zero in the sources, so the conversions' special
+    # cases are exercised and checked too.
+    fill_distinct(tensors, seed, spread=1 << 16, specials=True)
 
 
 def make_pairs(point: Point, cfg: Config) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -173,58 +143,6 @@ def make_methods(dsts: list[torch.Tensor], srcs: list[torch.Tensor], point: Poin
     if point.count > LOOP_MAX_COUNT and not cfg.all_loop:
         del methods[LOOP]
     return methods
-
-
-# ---------------------------------------------------------------------------
-# Timing.
-
-def timer(cfg: Config) -> Callable[[Callable[[], object], int], float]:
-    """Seconds one call takes, averaged over `calls` back-to-back calls. On a GPU the
-    device is synchronized first and the time is read from CUDA events around the calls,
-    so queued work counts; on the CPU it is time.perf_counter."""
-    if cfg.on_cuda:
-        def time_call(fn: Callable[[], object], calls: int = 1) -> float:
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / calls
-    else:
-        def time_call(fn: Callable[[], object], calls: int = 1) -> float:
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            return (time.perf_counter() - start) / calls
-    return time_call
-
-
-def run_interleaved(methods: dict[str, Callable[[], object]], cfg: Config,
-                    time_call: Callable[[Callable[[], object], int], float]
-                    ) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Every method once per round, so drift hits all alike; the starting method
-    rotates. A method whose call takes under min_sample_ms is called several times per
-    sample (fixed after the warm-up), so tiny copies are not timer noise."""
-    names = list(methods)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    calls = dict.fromkeys(names, 1)
-    last: dict[str, float] = {}
-    for round_ in range(cfg.warmup + cfg.repeats):
-        if round_ == cfg.warmup:
-            for n in names:
-                once = last[n] if n in last else time_call(methods[n], 1)
-                calls[n] = max(1, min(1000, math.ceil(cfg.min_sample_ms / 1e3 / max(once, 1e-9))))
-        for k in range(len(names)):
-            name = names[(round_ + k) % len(names)]
-            gc.collect()  # the previous method's garbage is not collected inside this sample
-            seconds = time_call(methods[name], calls[name])
-            last[name] = seconds
-            if round_ >= cfg.warmup:
-                samples[name].append(seconds)
-    return samples, calls
 
 
 # ---------------------------------------------------------------------------
@@ -272,21 +190,6 @@ def fmt_size(nbytes: int) -> str:
 def fmt_ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"
-
-
-def machine_info(cfg: Config) -> dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "fastreload": fastreload.__version__,
-            "python": platform.python_version()}
-    if cfg.on_cuda:
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def summarize(samples: dict[str, list[float]], calls: dict[str, int], point: Point,
@@ -410,9 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batched_copy: destinations {cfg.dtype} on {cfg.device} <- sources "
           f"{cfg.source_dtype or cfg.dtype} on {cfg.src_device}{' (pinned)' if cfg.pin else ''}; "
           f"{len(points)} points, cap {fmt_size(cfg.cap)} written per point")
-    print(f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
-          f"{machine['threads']} threads{', ' + machine['gpu'] if 'gpu' in machine else ''}; "
-          f"median of {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up; "
+    print(f"{machine_line(machine, repeats=cfg.repeats, warmup=cfg.warmup)}; "
           f"{'CUDA events' if cfg.on_cuda else 'perf_counter'}")
     if skipped:
         print(f"skipped, over the cap: {', '.join(f'{p.count:,} x {fmt_size(p.size)}' for p in skipped)}")
@@ -427,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         src_bytes = point.count * srcs[0].numel() * srcs[0].element_size()
         methods = make_methods(dsts, srcs, point, cfg)
         gc.freeze()  # the point's tensors are not rescanned by every collection during the timing
-        samples, calls = run_interleaved(methods, cfg, time_call)
+        samples, calls = run_interleaved(methods, time_call, warmup=cfg.warmup, repeats=cfg.repeats,
+                                         min_sample_ms=cfg.min_sample_ms)
         gc.unfreeze()
         verify(dsts, srcs, point)
         results = summarize(samples, calls, point, src_bytes)

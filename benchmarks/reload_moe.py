@@ -15,8 +15,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,14 +26,19 @@ from torch import nn
 
 import fastreload
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from common import DTYPES as ALL_DTYPES
+from common import SourceFollowsDestination, fill_distinct, machine_info, machine_line, run_interleaved, timer
+
+# --dtype and --source-dtype keep offering only the dtypes this model was built and
+# checked with; fp64 and fp8 in the shared table are for batched_copy.
+DTYPES = {name: ALL_DTYPES[name] for name in ("bf16", "fp16", "fp32")}
 BASELINE = "load_state_dict"
 LIMIT = "limit"
 FIRST = "fastreload (first)"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SourceFollowsDestination):
     layers: int = 64
     experts: int = 128
     hidden: int = 128
@@ -54,14 +57,6 @@ class Config:
     @property
     def model_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-    @property
-    def src_dtype(self) -> torch.dtype:
-        return DTYPES[self.source_dtype or self.dtype]
-
-    @property
-    def src_device(self) -> str:
-        return self.source_device or self.device
 
 
 # ---------------------------------------------------------------------------
@@ -129,18 +124,10 @@ class MoeForCausalLM(nn.Module):
         self.lm_head = _linear(cfg, cfg.hidden, cfg.vocab)
 
 
-def _fill(tensors: list[torch.Tensor], dtype: torch.dtype, seed: int) -> None:
-    """Gives every tensor its own pseudo-random values, cheaply: a window of one random
-    pool at an offset that differs per tensor, so a swapped, shifted or skipped tensor
-    shows in the final check."""
-    largest = max(t.numel() for t in tensors)
-    spread = 1 << 20
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randn(largest + spread, generator=g).to(device=tensors[0].device, dtype=dtype)
-    with torch.no_grad():
-        for i, t in enumerate(tensors):
-            offset = (i * 7919 + seed * 104729) % spread
-            t.copy_(pool[offset:offset + t.numel()].view(t.shape))
+def _fill(tensors: list[torch.Tensor], seed: int) -> None:
+    # The per-seed shift makes the model (seed 1) and its source (seed 2) differ in
+    # window offsets as well as values, so a copy from the wrong side shows too.
+    fill_distinct(tensors, seed, spread=1 << 20, seed_stride=104729)
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -148,7 +135,7 @@ def build_model(cfg: Config) -> nn.Module:
         model = MoeForCausalLM(cfg)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _fill(list(model.parameters()), cfg.model_dtype, seed=1)
+    _fill(list(model.parameters()), seed=1)
     return model
 
 
@@ -162,7 +149,7 @@ def make_source(model: nn.Module, cfg: Config) -> dict[str, torch.Tensor]:
         if ptr not in by_storage:
             by_storage[ptr] = torch.empty(t.shape, dtype=cfg.src_dtype, device=cfg.src_device)
         source[name] = by_storage[ptr]
-    _fill(list(by_storage.values()), cfg.src_dtype, seed=2)
+    _fill(list(by_storage.values()), seed=2)
     return source
 
 
@@ -219,41 +206,6 @@ def make_methods(model: nn.Module, source: dict[str, torch.Tensor],
 
 
 # ---------------------------------------------------------------------------
-# Timing.
-
-def timer(cfg: Config) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call takes. Work queued on a GPU counts: the clock is read only
-    after the device has finished (a CUDA-event variant would slot in here)."""
-    on_cuda = "cuda" in (torch.device(cfg.device).type, torch.device(cfg.src_device).type)
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-
-    def time_call(fn: Callable[[], object]) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-
-    return time_call
-
-
-def run_interleaved(methods: dict[str, Callable[[], object]], cfg: Config,
-                    time_call: Callable[[Callable[[], object]], float]) -> dict[str, list[float]]:
-    """Every method once per round, so drift (clock, heat, neighbours) hits all alike;
-    the starting method rotates so none always follows the same one."""
-    names = list(methods)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for round_ in range(cfg.warmup + cfg.repeats):
-        for k in range(len(names)):
-            name = names[(round_ + k) % len(names)]
-            gc.collect()  # the previous method's garbage is not collected inside this sample
-            seconds = time_call(methods[name])
-            if round_ >= cfg.warmup:
-                samples[name].append(seconds)
-    return samples
-
-
-# ---------------------------------------------------------------------------
 # Correctness: the numbers mean nothing if the copies are wrong.
 
 def verify(model: nn.Module, source: dict[str, torch.Tensor], pointers: dict[str, int], cfg: Config) -> None:
@@ -283,21 +235,6 @@ def verify(model: nn.Module, source: dict[str, torch.Tensor], pointers: dict[str
 
 # ---------------------------------------------------------------------------
 # Reporting.
-
-def machine_info(cfg: Config) -> dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "fastreload": fastreload.__version__,
-            "python": platform.python_version()}
-    if "cuda" in (torch.device(cfg.device).type, torch.device(cfg.src_device).type):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
 
 def summarize(samples: dict[str, list[float]], tensors: int, nbytes: int) -> dict[str, dict[str, object]]:
     medians = {n: statistics.median(s) for n, s in samples.items()}
@@ -385,15 +322,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{', tied embeddings' if cfg.tie_embeddings else ''}; "
           f"model {cfg.dtype} on {cfg.device} <- source {cfg.source_dtype or cfg.dtype} on {cfg.src_device}; "
           f"{tensors:,} tensors, {nbytes / 2**20:.1f} MiB")
-    print(f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
-          f"{machine['threads']} threads{', ' + machine['gpu'] if 'gpu' in machine else ''}; "
-          f"median of {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up; built in {built_s:.1f} s")
+    print(f"{machine_line(machine, repeats=cfg.repeats, warmup=cfg.warmup)}; built in {built_s:.1f} s")
 
-    time_call = timer(cfg)
+    # Host time after a synchronize, not CUDA events: GPU results stay comparable with earlier runs.
+    time_call = timer(cfg, cuda_events=False)
     # The first call on a model walks its layout and makes the copy plan; later calls reuse both.
     gc.collect()
     first_s = time_call(lambda: fastreload.reload_layerwise(model, source, batch_bytes=cfg.batch_bytes))
-    samples = run_interleaved(make_methods(model, source, cfg), cfg, time_call)
+    samples, _ = run_interleaved(make_methods(model, source, cfg), time_call,
+                                 warmup=cfg.warmup, repeats=cfg.repeats)
     samples = {FIRST: [first_s], **samples}
 
     verify(model, source, pointers, cfg)

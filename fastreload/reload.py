@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fastreload import ops
 from fastreload.model import Layout, forget, layout_of
+from fastreload.names import Renamed, detect_wrappers, renamer
 from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, resolve
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
@@ -29,14 +30,16 @@ DEFAULT_BATCH_BYTES = 2**30
 DEFAULT_STREAM_BATCH_BYTES = 256 * 2**20
 
 
-def _copy(model, state_dict, strict, batch_bytes) -> tuple[Layout, Work]:
+def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work]:
     layout = layout_of(model)
-    work = resolve(plan_for(layout, batch_bytes), state_dict, strict=strict)
+    work = resolve(plan_for(layout, batch_bytes), source, strict=strict)
     if len(work.batches) > 1:
         check_pairs(work)  # a refusal in a later batch must not follow written ones
     try:
         for dsts, srcs in work.batches:
             ops.batched_copy_(dsts, srcs)
+            if on_written is not None:
+                on_written(sum(d.numel() * d.element_size() for d in dsts))
     except RuntimeError:
         if len(work.batches) == 1:
             check_pairs(work)  # batched_copy_ refused the batch whole: name the pairs
@@ -44,86 +47,123 @@ def _copy(model, state_dict, strict, batch_bytes) -> tuple[Layout, Work]:
     return layout, work
 
 
+def _known_to(layout: Layout):
+    return lambda name: (name in layout.target_index or name in layout.ignored
+                         or name in layout.uninitialized)
+
+
+def _named(source, rename, layout: Layout):
+    """The source under the model's names: renamed as asked, or, when some of its
+    names are unknown to the model, under the common wrapper that explains them all."""
+    if rename is not None:
+        return Renamed(source, rename), "rename"
+    known = _known_to(layout)
+    leading = layout.targets[0].name if layout.targets else None
+    if leading is None or leading in source or all(map(known, source)):
+        return source, None
+    found = detect_wrappers(source, known)
+    if found is None:
+        return source, None
+    logger.info("fastreload: source names %s to match the model", found[0])
+    return Renamed(source, found[1]), found[0]
+
+
 def reload_layerwise(
     model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str | os.PathLike],
+    state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str | os.PathLike] | Iterable,
     *,
     strict: bool = True,
     batch_bytes: int | None = None,
     max_held_bytes: int | None = None,
+    rename: Callable[[str], str] | Mapping[str, str] | None = None,
+    progress: bool = False,
 ) -> ReloadReport:
     """Writes new weights into the model's existing tensors, in place.
 
-    ``state_dict`` is a mapping keyed like ``model.state_dict()``, or safetensors on
-    disk: a file, a directory of shards (with or without its index), an index file,
-    or a list of paths; files are read through memory maps and every header is
-    checked before anything is written. Every parameter and persistent buffer named
-    in the source receives the source's values, converted to its dtype;
-    every tensor keeps its object, storage and data pointer, so captured CUDA
-    graphs and kernels holding raw pointers stay valid. Layers are copied in fused
-    batches of up to ``batch_bytes``.
+    The source (``state_dict``) is one of:
+    - a mapping keyed like ``model.state_dict()``;
+    - safetensors on disk: a file, a directory of shards (with or without its
+      index), an index file, or a list of paths; read through memory maps, every
+      header checked before anything is written;
+    - any other iterable of ``(name, tensor)`` pairs: a stream, read once in any
+      order; each layer is written as soon as all its tensors have arrived.
+
+    Every parameter and persistent buffer receives the source's values, converted to
+    its dtype; every tensor keeps its object, storage and data pointer, so captured
+    CUDA graphs and kernels holding raw pointers stay valid. Layers are copied in
+    fused batches of up to ``batch_bytes`` (1 GiB, or 256 MiB for streams).
+
+    ``rename`` maps source names to model names: a callable, or a dict of prefix
+    replacements (``{"module.": ""}``, ``{"": "model."}``). Without it, names wrapped
+    by ``module.`` or ``_orig_mod.``, or missing or carrying an extra ``model.``, are
+    recognised and mapped. ``max_held_bytes`` caps what a stream may hold for layers
+    not yet written. ``progress=True`` shows a progress bar over bytes (tqdm).
 
     Left alone, and reported: buffers that view a parameter's storage (written
     through the parameter), second names of tied tensors (written once),
     uninitialized (lazy or meta) tensors, non-persistent buffers.
 
-    Raises ReloadError, before writing anything, for missing or unexpected names
-    (unless ``strict=False``, which reports them instead), shape mismatches, dtypes
-    that do not convert, tied names with different values and source tensors aimed
-    at uninitialized parameters.
+    Raises ReloadError for missing or unexpected names (unless ``strict=False``,
+    which reports them instead), shape mismatches, dtypes that do not convert, tied
+    names with different values and source tensors aimed at uninitialized
+    parameters: for a mapping or files before anything is written, for a stream
+    naming the layers already written and those not.
     """
     started = time.perf_counter()
     kind, source = open_source(state_dict)
-    if kind == "stream":
-        return _reload_stream(model, source, strict,
-                              DEFAULT_STREAM_BATCH_BYTES if batch_bytes is None else batch_bytes,
-                              max_held_bytes, started)
-    state_dict = source
-    # Inference mode admits in-place writes into inference tensors as well as normal
-    # ones, and keeps autograd out of every op call over the model's tensors.
-    with torch.inference_mode():
-        batch_bytes = DEFAULT_BATCH_BYTES if batch_bytes is None else batch_bytes
-        try:
-            layout, work = _copy(model, state_dict, strict, batch_bytes)
-        except StaleLayout:
-            forget(model)
-            layout, work = _copy(model, state_dict, strict, batch_bytes)
-    skipped = dict(layout.skipped)
-    if work.missing:
-        skipped["missing"] = work.missing
-    if work.unexpected:
-        skipped["unexpected"] = work.unexpected
-    report = ReloadReport(
-        layers=work.layers,
-        tensors=work.tensors,
-        bytes=work.bytes,
-        batched_copy_calls=len(work.batches),
-        seconds=time.perf_counter() - started,
-        skipped=skipped,
-        source=kind,
-        # A mapping's tensors are the caller's, already in memory: not counted.
-        bytes_read=None if kind == "mapping" else sum(t.numel() * t.element_size() for t in work.srcs),
-    )
-    logger.debug("%s", report)
-    return report
-
-
-def _reload_stream(model, pairs, strict, batch_bytes, max_held_bytes, started) -> ReloadReport:
+    rename = renamer(rename)
+    if batch_bytes is None:
+        batch_bytes = DEFAULT_STREAM_BATCH_BYTES if kind == "stream" else DEFAULT_BATCH_BYTES
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
-    with torch.inference_mode():
-        layout = layout_of(model)
-        result = consume(plan_for(layout, batch_bytes), pairs, strict=strict,
-                         batch_bytes=batch_bytes, max_held_bytes=max_held_bytes)
+    bar = _progress_bar() if progress else None
+    on_written = bar.update if bar is not None else None
+    try:
+        # Inference mode admits in-place writes into inference tensors as well as
+        # normal ones, and keeps autograd out of every op call over the model's tensors.
+        with torch.inference_mode():
+            if kind == "stream":
+                layout = layout_of(model)
+                plan = plan_for(layout, batch_bytes)
+                if bar is not None:
+                    bar.total = plan.total_bytes
+                done = consume(plan, source, strict=strict, batch_bytes=batch_bytes,
+                               max_held_bytes=max_held_bytes, rename=rename,
+                               detect=_known_to(layout), on_written=on_written)
+                calls, bytes_read, peak, renamed = (done.batched_copy_calls, done.bytes_read,
+                                                    done.peak_held_bytes, done.renamed)
+            else:
+                source, renamed = _named(source, rename, layout_of(model))
+                if bar is not None:
+                    bar.total = plan_for(layout_of(model), batch_bytes).total_bytes
+                try:
+                    layout, done = _copy(model, source, strict, batch_bytes, on_written)
+                except StaleLayout:
+                    forget(model)
+                    layout, done = _copy(model, source, strict, batch_bytes, on_written)
+                calls, peak = len(done.batches), 0
+                # A mapping's tensors are the caller's, already in memory: not counted.
+                bytes_read = (None if kind == "mapping" else
+                              sum(t.numel() * t.element_size() for t in done.srcs))
+    finally:
+        if bar is not None:
+            bar.close()
     skipped = dict(layout.skipped)
-    if result.missing:
-        skipped["missing"] = result.missing
-    if result.unexpected:
-        skipped["unexpected"] = result.unexpected
+    if done.missing:
+        skipped["missing"] = done.missing
+    if done.unexpected:
+        skipped["unexpected"] = done.unexpected
     report = ReloadReport(
-        layers=result.layers, tensors=result.tensors, bytes=result.bytes,
-        batched_copy_calls=result.batched_copy_calls, seconds=time.perf_counter() - started,
-        skipped=skipped, source="stream", bytes_read=result.bytes_read,
-        peak_held_bytes=result.peak_held_bytes)
-    logger.debug("%s", report)
+        layers=done.layers, tensors=done.tensors, bytes=done.bytes, batched_copy_calls=calls,
+        seconds=time.perf_counter() - started, skipped=skipped, source=kind,
+        bytes_read=bytes_read, peak_held_bytes=peak, renamed=renamed)
+    logger.info("%s", report)
     return report
+
+
+def _progress_bar():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("progress=True shows a tqdm progress bar: pip install tqdm") from None
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="fastreload")

@@ -32,6 +32,9 @@ class ReloadReport:
     source: str = "mapping"
     bytes_read: int | None = None
     peak_held_bytes: int = 0
+    # How source names were mapped to the model's: "rename" (given), a detected
+    # common wrapper ("stripped wrapper prefixes (module., _orig_mod.)", ...) or None.
+    renamed: str | None = None
 
     @property
     def gbps(self) -> float:

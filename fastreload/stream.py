@@ -16,6 +16,7 @@ import torch
 
 from fastreload import ops
 from fastreload.errors import ReloadError
+from fastreload.names import detect_wrappers
 from fastreload.plan import Plan, StaleLayout, pair_problems, same_values
 
 __all__ = ["StreamResult", "consume"]
@@ -31,6 +32,7 @@ class StreamResult:
     peak_held_bytes: int
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
+    renamed: str | None
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -38,8 +40,13 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class _Consumer:
-    def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None):
+    def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None,
+                 rename, detect, on_written):
         self.plan = plan
+        self.rename = rename
+        self.renamed = "rename" if rename is not None else None
+        self.detect = detect  # names the model knows, to recognise wrapped names; or None
+        self.on_written = on_written
         self.layout = plan.layout
         self.strict = strict
         self.batch_bytes = batch_bytes
@@ -64,6 +71,14 @@ class _Consumer:
                            unwritten_layers=[n for u, n in enumerate(names) if u not in written])
 
     def take(self, name: str, tensor: torch.Tensor) -> None:
+        if self.rename is not None:
+            name = self.rename(name)
+        elif self.detect is not None and not self.seen and not self.detect(name):
+            # The first name is unknown: a common wrapper may explain it (and the rest).
+            found = detect_wrappers([name], self.detect)
+            if found is not None:
+                self.renamed, self.rename = found
+                name = self.rename(name)
         if name in self.seen:
             raise self.fail(duplicates=[name])
         self.seen.add(name)
@@ -134,7 +149,10 @@ class _Consumer:
         ops.batched_copy_([self.plan.dsts[i] for i in indices], srcs)
         self.calls += 1
         self.tensors += len(indices)
-        self.bytes += sum(self.plan.sizes[i] for i in indices)
+        written = sum(self.plan.sizes[i] for i in indices)
+        self.bytes += written
+        if self.on_written is not None:
+            self.on_written(written)
         self.held_bytes -= sum(_nbytes(s) for s in srcs)
         self.written_targets.update(indices)
 
@@ -154,12 +172,15 @@ class _Consumer:
             self.written_units += incomplete
         layers = len(set(self.written_units))
         return StreamResult(self.tensors, self.bytes, layers, self.calls, self.bytes_read,
-                            self.peak_held_bytes, tuple(missing), tuple(self.unexpected))
+                            self.peak_held_bytes, tuple(missing), tuple(self.unexpected),
+                            self.renamed)
 
 
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
-            max_held_bytes: int | None) -> StreamResult:
-    consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes)
+            max_held_bytes: int | None, rename=None, detect=None, on_written=None) -> StreamResult:
+    """Reads the stream and writes its layers; `rename` maps names, or `detect` (the
+    names the model knows) lets a common wrapper be recognised from the first name."""
+    consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written)
     iterator = iter(pairs)
     while True:
         try:

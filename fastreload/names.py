@@ -1,0 +1,85 @@
+"""Source names to model names: an explicit rename, or the common wrappers a
+checkpoint's names carry (DataParallel's ``module.``, torch.compile's ``_orig_mod.``,
+a missing or extra ``model.``) recognised without user glue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+__all__ = ["Renamed", "detect_wrappers", "renamer"]
+
+Rename = Callable[[str], str] | Mapping[str, str]
+
+# Prefixes that wrap a whole model and say nothing about its layout.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def renamer(rename: Rename | None) -> Callable[[str], str] | None:
+    """A callable as it is; a dict of prefix replacements ({"module.": "", "": "model."})
+    as a function applying the longest matching prefix."""
+    if rename is None or callable(rename):
+        return rename
+    if isinstance(rename, Mapping):
+        prefixes = sorted(rename.items(), key=lambda item: len(item[0]), reverse=True)
+
+        def replace_prefix(name: str) -> str:
+            for old, new in prefixes:
+                if name.startswith(old):
+                    return new + name[len(old):]
+            return name
+
+        return replace_prefix
+    raise TypeError(f"rename is a callable or a dict of prefix replacements, got {type(rename).__name__}")
+
+
+def _strip_wrappers(name: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+def _candidates() -> Iterator[tuple[str, Callable[[str], str]]]:
+    yield "stripped wrapper prefixes (module., _orig_mod.)", _strip_wrappers
+    yield "added 'model.'", lambda n: "model." + _strip_wrappers(n)
+    yield "stripped 'model.'", lambda n: _strip_wrappers(n).removeprefix("model.")
+
+
+def detect_wrappers(names, known: Callable[[str], bool]) -> tuple[str, Callable[[str], str]] | None:
+    """The first common wrapper under which every one of `names` is a name the model
+    knows, or None."""
+    names = list(names)
+    for description, rename in _candidates():
+        if names and all(known(rename(n)) for n in names):
+            return description, rename
+    return None
+
+
+class Renamed(Mapping[str, torch.Tensor]):
+    """A source mapping seen under new names. Two names renamed to one is an error."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], rename: Callable[[str], str]) -> None:
+        self._source = source
+        self._original: dict[str, str] = {}
+        clashes = []
+        for name in source:
+            new = rename(name)
+            if new in self._original:
+                clashes.append(f"{self._original[new]!r} and {name!r} both become {new!r}")
+            self._original[new] = name
+        if clashes:
+            raise ValueError(f"rename maps several source names to one: {'; '.join(clashes[:5])}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._source[self._original[name]]
+
+    def __iter__(self):
+        return iter(self._original)
+
+    def __len__(self) -> int:
+        return len(self._original)

@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,7 @@ class SafetensorsSource(Mapping[str, torch.Tensor]):
         self.paths = [os.fspath(p) for p in paths]
         self._files = [_MappedFile(p) for p in self.paths]
         self._entries: dict[str, _Entry] = {}
+        self._views: dict[str, torch.Tensor] = {}
         for index, file in enumerate(self._files):
             for name, entry in _entries_of(file, index).items():
                 if name in self._entries:
@@ -133,7 +135,14 @@ class SafetensorsSource(Mapping[str, torch.Tensor]):
                 self._entries[name] = entry
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        entry = self._entries[name]
+        # A view costs microseconds to make and nothing to keep: made once, then reused
+        # by every reload that opens these same files.
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self._view(self._entries[name])
+        return view
+
+    def _view(self, entry: _Entry) -> torch.Tensor:
         if entry.end == entry.begin:
             return torch.empty(entry.shape, dtype=entry.dtype)
         # frombuffer takes any byte offset, so tensors need no alignment in the file.
@@ -182,6 +191,32 @@ def _files_of_index(index: str) -> list[str]:
     return files
 
 
+# Files opened lately, with what identified them then (inode, modification time,
+# size): a reload from the same unchanged files reuses their parsed headers and
+# views; a file rewritten or replaced is opened afresh.
+_OPENED: OrderedDict[tuple[str, ...], tuple[tuple, SafetensorsSource]] = OrderedDict()
+_OPENED_KEPT = 4
+
+
+def _stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def open_safetensors(paths: Sequence[str]) -> SafetensorsSource:
+    key = tuple(os.path.abspath(p) for p in paths)
+    stamp = tuple(_stamp(p) for p in key)
+    cached = _OPENED.get(key)
+    if cached is not None and cached[0] == stamp:
+        _OPENED.move_to_end(key)
+        return cached[1]
+    source = SafetensorsSource(list(key))
+    _OPENED[key] = (stamp, source)
+    while len(_OPENED) > _OPENED_KEPT:
+        _OPENED.popitem(last=False)
+    return source
+
+
 def open_source(source) -> tuple[str, Mapping[str, torch.Tensor] | Iterable]:
     """(kind, source): a mapping stays as it is ("mapping"); a path (str or
     os.PathLike) to a .safetensors file, a directory of shards (with or without
@@ -191,10 +226,10 @@ def open_source(source) -> tuple[str, Mapping[str, torch.Tensor] | Iterable]:
     if isinstance(source, Mapping):
         return "mapping", source
     if isinstance(source, (str, os.PathLike)):
-        return "safetensors", SafetensorsSource(_files_of(os.fspath(source)))
+        return "safetensors", open_safetensors(_files_of(os.fspath(source)))
     if isinstance(source, (list, tuple)) and source and all(
             isinstance(p, (str, os.PathLike)) for p in source):
-        return "safetensors", SafetensorsSource([f for p in source for f in _files_of(os.fspath(p))])
+        return "safetensors", open_safetensors([f for p in source for f in _files_of(os.fspath(p))])
     if isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
         return "stream", source
     raise TypeError("reload_layerwise reads a Mapping[str, Tensor], an iterable of (name, tensor) "

@@ -204,3 +204,13 @@ def test_missing_paths_are_named(tmp_path):
         reload_layerwise(Net(), tmp_path / "nope.safetensors")
     with pytest.raises(SafetensorsError, match="no .safetensors files"):
         reload_layerwise(Net(), tmp_path)
+
+
+def test_rewritten_files_are_read_afresh(tmp_path):
+    model = Net()
+    path = tmp_path / "model.safetensors"
+    for step in range(3):
+        state = checkpoint(model)
+        save_file(state, path)  # a new checkpoint at the same path every step
+        reload_layerwise(model, path)
+        assert_loaded(model, state)

@@ -192,3 +192,32 @@ def test_items_must_be_name_tensor_pairs():
         reload_layerwise(model, [torch.ones(3)])
     with pytest.raises(TypeError, match="embed.weight"):
         reload_layerwise(model, [("embed.weight", [1.0])])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+def test_resident_memory_of_a_large_stream_stays_bounded():
+    # 48 layers of 4 MiB made on the fly (192 MiB in all), a 16 MiB budget: resident
+    # memory may grow by the budget plus a layer or two, never by the stream's size.
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.Linear(1024, 1024, bias=False) for _ in range(48))
+    names = [f"layers.{i}.weight" for i in range(48)]
+    gc.collect()
+    baseline = _rss_bytes()
+    peak = 0
+
+    def stream():
+        nonlocal peak
+        for name in names:
+            peak = max(peak, _rss_bytes() - baseline)
+            yield name, torch.full((1024, 1024), 1.0)
+
+    report = reload_layerwise(model, stream(), batch_bytes=16 * 2**20)
+    peak = max(peak, _rss_bytes() - baseline)
+    assert report.peak_held_bytes <= 16 * 2**20 + 4 * 2**20
+    assert peak < 48 * 2**20, f"resident memory grew by {peak / 2**20:.0f} MiB"
+    assert all(torch.equal(l.weight, torch.ones(1024, 1024)) for l in model.layers)

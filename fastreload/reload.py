@@ -133,6 +133,9 @@ def reload_layerwise(
                 calls, bytes_read, peak, renamed = (done.batched_copy_calls, done.bytes_read,
                                                     done.peak_held_bytes, done.renamed)
             else:
+                files = source if kind == "safetensors" else None
+                if files is not None:
+                    source = files.views()
                 source, renamed = _named(source, rename, layout_of(model))
                 if bar is not None:
                     bar.total = plan_for(layout_of(model), batch_bytes).total_bytes
@@ -143,8 +146,7 @@ def reload_layerwise(
                     layout, done = _copy(model, source, strict, batch_bytes, on_written)
                 calls, peak = len(done.batches), 0
                 # A mapping's tensors are the caller's, already in memory: not counted.
-                bytes_read = (None if kind == "mapping" else
-                              sum(t.numel() * t.element_size() for t in done.srcs))
+                bytes_read = files.nbytes if files is not None else None
     finally:
         if bar is not None:
             bar.close()

@@ -26,9 +26,9 @@ class ReloadReport:
     batched_copy_calls: int
     seconds: float
     skipped: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # "mapping", "safetensors" or "stream"; bytes of source tensors read (None for a
-    # mapping, whose tensors are already in memory); for a stream, the most bytes of
-    # incoming tensors held at once for layers not yet written.
+    # "mapping", "safetensors" or "stream"; bytes read: of the tensors in the files,
+    # or of the tensors a stream sent (None for a mapping, already in memory); for a
+    # stream, the most bytes of incoming tensors held at once for layers not yet written.
     source: str = "mapping"
     bytes_read: int | None = None
     peak_held_bytes: int = 0

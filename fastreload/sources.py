@@ -12,6 +12,7 @@ header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -156,9 +157,17 @@ class SafetensorsSource(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        """Bytes of all the tensors the files hold."""
         return sum(e.end - e.begin for e in self._entries.values())
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a view, in a plain dict (which reloads read at C speed)."""
+        if len(self._views) != len(self._entries):
+            for name in self._entries:
+                self[name]
+        return self._views
 
 
 def _files_of(path: str) -> list[str]:
@@ -184,7 +193,7 @@ def _files_of_index(index: str) -> list[str]:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise SafetensorsError(f"{index}: not a safetensors index ({error})") from None
     folder = os.path.dirname(index)
-    files = sorted({os.path.join(folder, f) for f in weight_map.values()})
+    files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise SafetensorsError(f"{index}: names shards that do not exist: {missing}")
@@ -217,6 +226,24 @@ def open_safetensors(paths: Sequence[str]) -> SafetensorsSource:
     return source
 
 
+# What a path names (a file, the shards of a directory, an index's shards), by the
+# path and what identified it then: a repeated reload skips reading the index.
+_LISTED: dict[str, tuple[tuple, list[str]]] = {}
+
+
+def _listed_files(path: str) -> list[str]:
+    path = os.path.abspath(path)
+    index = os.path.join(path, INDEX_NAME) if os.path.isdir(path) else path
+    try:
+        stamp = _stamp(index) + _stamp(path)
+    except OSError:
+        return _files_of(path)
+    cached = _LISTED.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = _LISTED[path] = (stamp, _files_of(path))
+    return cached[1]
+
+
 def open_source(source) -> tuple[str, Mapping[str, torch.Tensor] | Iterable]:
     """(kind, source): a mapping stays as it is ("mapping"); a path (str or
     os.PathLike) to a .safetensors file, a directory of shards (with or without
@@ -226,10 +253,11 @@ def open_source(source) -> tuple[str, Mapping[str, torch.Tensor] | Iterable]:
     if isinstance(source, Mapping):
         return "mapping", source
     if isinstance(source, (str, os.PathLike)):
-        return "safetensors", open_safetensors(_files_of(os.fspath(source)))
+        return "safetensors", open_safetensors(_listed_files(os.fspath(source)))
     if isinstance(source, (list, tuple)) and source and all(
             isinstance(p, (str, os.PathLike)) for p in source):
-        return "safetensors", open_safetensors([f for p in source for f in _files_of(os.fspath(p))])
+        return "safetensors", open_safetensors(
+            [f for p in source for f in _listed_files(os.fspath(p))])
     if isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
         return "stream", source
     raise TypeError("reload_layerwise reads a Mapping[str, Tensor], an iterable of (name, tensor) "

@@ -1,8 +1,8 @@
 """A reload from a stream of (name, tensor) pairs, in any order, read once.
 
-A layer is written as soon as every tensor it expects has arrived (tracked by
-name), after its pairs are checked; completed layers are coalesced into fused
-copies of up to batch_bytes. Only incoming tensors of layers not yet written are
+A layer is complete when every tensor it expects has arrived (tracked by name);
+completed layers are coalesced into fused copies of up to batch_bytes, each
+checked whole by batched_copy_ before it writes anything. Only incoming tensors of layers not yet written are
 held, and their bytes are counted against an optional cap. An error names the
 layers already written and those not.
 """
@@ -52,6 +52,7 @@ class _Consumer:
         self.batch_bytes = batch_bytes
         self.max_held_bytes = max_held_bytes
         self.remaining = [u.stop - u.start for u in self.layout.units]
+        self.unit_bytes = [0] * len(self.layout.units)  # incoming bytes of each layer
         self.pending: dict[int, torch.Tensor] = {}  # target -> source, until written
         self.written_targets: set[int] = set()
         self.seen: set[str] = set()
@@ -104,8 +105,9 @@ class _Consumer:
             if not same:
                 raise self.fail(conflicts=[name])
             return
+        nbytes = _nbytes(tensor)
         self.pending[index] = tensor
-        self.held_bytes += _nbytes(tensor)
+        self.held_bytes += nbytes
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         if self.max_held_bytes is not None and self.held_bytes > self.max_held_bytes:
             raise self.fail(held_over=(
@@ -113,48 +115,48 @@ class _Consumer:
                 f"max_held_bytes={self.max_held_bytes}: the stream sends layers' tensors too far "
                 "apart for this cap"))
         unit = self.plan.unit_of[index]
+        self.unit_bytes[unit] += nbytes
         self.remaining[unit] -= 1
         if self.remaining[unit] == 0:
-            self.complete(unit)
-
-    def complete(self, unit: int) -> None:
-        u = self.layout.units[unit]
-        indices = range(u.start, u.stop)
-        self.check([self.plan.dsts[i] for i in indices], [self.pending[i] for i in indices],
-                   [self.plan.leading[i] for i in indices])
-        self.ready.append(unit)
-        self.ready_bytes += sum(_nbytes(self.pending[i]) for i in indices)
-        if self.ready_bytes >= self.batch_bytes:
-            self.flush()
-
-    def check(self, dsts, srcs, names) -> None:
-        try:
-            problems = pair_problems(dsts, srcs, names)
-        except StaleLayout:
-            problems = {n: "shares memory with another model tensor" for n in names}
-        if problems:
-            raise self.fail(mismatched=problems)
+            self.ready.append(unit)
+            self.ready_bytes += self.unit_bytes[unit]
+            if self.ready_bytes >= self.batch_bytes:
+                self.flush()
 
     def flush(self) -> None:
         if not self.ready:
             return
-        indices = [i for unit in self.ready
-                   for i in range(self.layout.units[unit].start, self.layout.units[unit].stop)]
-        self.write(indices)
+        units = self.layout.units
+        self.write([i for unit in self.ready for i in range(units[unit].start, units[unit].stop)])
         self.written_units += self.ready
         self.ready, self.ready_bytes = [], 0
 
     def write(self, indices: list[int]) -> None:
-        srcs = [self.pending.pop(i) for i in indices]
-        ops.batched_copy_([self.plan.dsts[i] for i in indices], srcs)
+        """One fused copy; batched_copy_ checks every pair first and refuses the batch
+        whole, so the layers of a refused batch stay unwritten."""
+        dsts = [self.plan.dsts[i] for i in indices]
+        srcs = [self.pending[i] for i in indices]
+        try:
+            ops.batched_copy_(dsts, srcs)
+        except RuntimeError:
+            try:
+                problems = pair_problems(dsts, srcs, [self.plan.leading[i] for i in indices])
+            except StaleLayout:
+                problems = {self.plan.leading[i]: "shares memory with another model tensor"
+                            for i in indices}
+            if problems:
+                raise self.fail(mismatched=problems) from None
+            raise
+        for i in indices:
+            del self.pending[i]
         self.calls += 1
         self.tensors += len(indices)
         written = sum(self.plan.sizes[i] for i in indices)
         self.bytes += written
-        if self.on_written is not None:
-            self.on_written(written)
         self.held_bytes -= sum(_nbytes(s) for s in srcs)
         self.written_targets.update(indices)
+        if self.on_written is not None:
+            self.on_written(written)
 
     def finish(self) -> StreamResult:
         incomplete = [u for u, left in enumerate(self.remaining) if left > 0]
@@ -166,8 +168,6 @@ class _Consumer:
         self.flush()
         partial = sorted(self.pending)  # strict=False: what did arrive of incomplete layers
         if partial:
-            self.check([self.plan.dsts[i] for i in partial], [self.pending[i] for i in partial],
-                       [self.plan.leading[i] for i in partial])
             self.write(partial)
             self.written_units += incomplete
         layers = len(set(self.written_units))

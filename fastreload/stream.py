@@ -95,7 +95,8 @@ class _Consumer:
                 raise self.fail(unexpected=[name])
             self.unexpected.append(name)
             return
-        self.bytes_read += _nbytes(tensor)
+        nbytes = _nbytes(tensor)
+        self.bytes_read += nbytes
         if index in self.pending or index in self.written_targets:
             # A tied second name: it must say what the first one said.
             first = self.pending.get(index)
@@ -105,7 +106,6 @@ class _Consumer:
             if not same:
                 raise self.fail(conflicts=[name])
             return
-        nbytes = _nbytes(tensor)
         self.pending[index] = tensor
         self.held_bytes += nbytes
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)

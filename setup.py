@@ -69,8 +69,10 @@ def pip_cuda_include_dirs():
 
 
 def extension():
+    # csrc/python holds the Python module; CMake builds the rest without it.
     sources = relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
-                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                       + glob.glob(os.path.join(ROOT, "csrc", "python", "*.cpp")))
     cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     # ATen's parallel_for is inline OpenMP: without -fopenmp it silently runs serially.
     cxx_flags = ["-O3", "-fopenmp"]

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <optional>
 
 namespace fastreload {
@@ -28,14 +30,6 @@ bool convertible(at::ScalarType from, at::ScalarType to) {
   return from == to || (float_kind(from) && float_kind(to));
 }
 
-// Byte range [lo, hi) from a tensor's first to one past its last element; lo == 0
-// for tensors with no bytes to read or write (empty, meta).
-struct Span {
-  uintptr_t lo = 0;
-  uintptr_t hi = 0;
-  int64_t pair = 0;
-};
-
 Span span_of(const at::Tensor& t, int64_t pair, const void* data) {
   const int64_t numel = t.numel();
   if (numel == 0 || data == nullptr) return {};
@@ -48,64 +42,21 @@ Span span_of(const at::Tensor& t, int64_t pair, const void* data) {
   return Span{lo, lo + static_cast<uintptr_t>(elements * t.element_size()), pair};
 }
 
+// The address of t's first element, nullptr where it has no bytes (meta, no
+// storage). Read from the storage directly: this runs for every tensor of every
+// reload, and const_data_ptr() checks more than it needs to here.
 const void* data_of(const at::Tensor& t) {
-  return t.is_meta() || !t.has_storage() ? nullptr : t.const_data_ptr();
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->is_meta() || !impl->has_storage()) return nullptr;
+  const auto* base = static_cast<const char*>(impl->unsafe_storage().data());
+  // No data but elements (a storage resized to nothing): let const_data_ptr() say so.
+  if (base == nullptr) return impl->numel() == 0 ? nullptr : t.const_data_ptr();
+  return base + impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
 }
 
-// Everything the checks and the descriptors need of one pair, read in one pass:
-// touching tens of thousands of TensorImpls costs cache misses, not arithmetic.
-struct PairFacts {
-  PairProblem problem = PairProblem::kNone;
-  Span dst;
-  Span src;
-  bool noop = false;   // src is dst itself (same bytes, same view): nothing to copy
-  bool fused = false;  // dense pair in one memory order: the fused pass copies it
-};
-
-PairFacts facts_of(const at::Tensor& d, const at::Tensor& s, int64_t i, const at::Device& device) {
-  PairFacts f;
-  if (d.device() != device || (s.device() != device && !s.is_cpu())) {
-    f.problem = PairProblem::kDevice;
-    return f;
-  }
-  if (d.sizes() != s.sizes()) {
-    f.problem = PairProblem::kShape;
-    return f;
-  }
-  if (!convertible(s.scalar_type(), d.scalar_type())) {
-    f.problem = PairProblem::kDtype;
-    return f;
-  }
-  // A destination whose elements share bytes (an expanded view) has no single result.
-  if (at::has_internal_overlap(d) == at::MemOverlap::Yes) {
-    f.problem = PairProblem::kDestinationOverlap;
-    return f;
-  }
-  const void* d_data = data_of(d);
-  const void* s_data = data_of(s);
-  f.dst = span_of(d, i, d_data);
-  f.src = span_of(s, i, s_data);
-  f.noop = d_data == s_data && d.dtype() == s.dtype() && d.strides() == s.strides();
-  // Dense tensors whose strides agree on every dimension of more than one element
-  // store their elements in the same order: one flat copy serves them.
-  f.fused = d.is_non_overlapping_and_dense() && s.is_non_overlapping_and_dense();
-  for (int64_t k = 0; f.fused && k < d.dim(); ++k) {
-    f.fused = d.size(k) <= 1 || d.stride(k) == s.stride(k);
-  }
-  return f;
-}
-
-std::vector<PairFacts> gather_facts(at::TensorList dst, at::TensorList src) {
-  TORCH_CHECK(dst.size() == src.size(), "batched_copy_: got ", dst.size(),
-              " destinations but ", src.size(), " sources");
-  std::vector<PairFacts> facts(dst.size());
-  if (dst.empty()) return facts;
-  const at::Device device = dst[0].device();
-  at::parallel_for(0, static_cast<int64_t>(dst.size()), 2048, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) facts[i] = facts_of(dst[i], src[i], i, device);
-  });
-  return facts;
-}
+// Pairs per task of the parallel metadata passes: touching tens of thousands of
+// TensorImpls costs cache misses, which two threads overlap better than one.
+constexpr int64_t kPairsPerTask = 2048;
 
 // Calls fn(byte offset from data_ptr) for every element of t.
 template <typename Fn>
@@ -151,68 +102,55 @@ bool bytes_overlap(const at::Tensor& a, const Span& sa, const at::Tensor& b, con
   return mark(b, sb.lo, true);
 }
 
-// Destinations sorted by start, with the running maximum of their ends: every
-// destination that can reach past `at` has an index of at least first_reaching(at).
-struct SortedDestinations {
-  std::vector<Span> spans;
-  std::vector<uintptr_t> max_hi;
+bool intersect(const Span& a, const Span& b) { return a.lo < b.hi && b.lo < a.hi; }
 
-  size_t first_reaching(uintptr_t at) const {
-    return std::upper_bound(max_hi.begin(), max_hi.end(), at) - max_hi.begin();
+DestinationFacts destination_facts(const at::Tensor& d, int64_t i, const at::Device& device) {
+  DestinationFacts f;
+  f.dense = d.is_non_overlapping_and_dense();
+  if (d.device() != device) {
+    f.problem = PairProblem::kDevice;
+  } else if (!f.dense && at::has_internal_overlap(d) == at::MemOverlap::Yes) {
+    // A destination whose elements share bytes (an expanded view) has no single result.
+    f.problem = PairProblem::kDestinationOverlap;
+  } else {
+    f.span = span_of(d, i, data_of(d));
   }
-};
-
-void find_overlaps(at::TensorList dst, at::TensorList src, std::vector<PairFacts>& facts) {
-  SortedDestinations dsts;
-  dsts.spans.reserve(facts.size());
-  for (const PairFacts& f : facts) {
-    if (f.problem == PairProblem::kNone && f.dst.lo != 0) dsts.spans.push_back(f.dst);
-  }
-  // Model tensors are usually allocated in address order: then no sort is needed.
-  const auto by_start = [](const Span& x, const Span& y) { return x.lo < y.lo; };
-  if (!std::is_sorted(dsts.spans.begin(), dsts.spans.end(), by_start)) {
-    std::sort(dsts.spans.begin(), dsts.spans.end(), by_start);
-  }
-  dsts.max_hi.reserve(dsts.spans.size());
-  for (const Span& s : dsts.spans) {
-    dsts.max_hi.push_back(dsts.max_hi.empty() ? s.hi : std::max(dsts.max_hi.back(), s.hi));
-  }
-
-  // Each span against the destinations that start before it ends and end after it starts.
-  const auto overlapping_destinations = [&](const at::Tensor& t, const Span& s, size_t stop,
-                                            auto on_overlap) {
-    for (size_t j = dsts.first_reaching(s.lo); j < stop && dsts.spans[j].lo < s.hi; ++j) {
-      const Span& o = dsts.spans[j];
-      if (o.hi <= s.lo || o.pair == s.pair) continue;
-      const at::Tensor& u = dst[o.pair];
-      if (t.device() == u.device() && bytes_overlap(t, s, u, o)) on_overlap(o);
-    }
-  };
-  for (const auto i : c10::irange(dsts.spans.size())) {
-    const Span& s = dsts.spans[i];
-    overlapping_destinations(dst[s.pair], s, i, [&](const Span& o) {
-      facts[s.pair].problem = facts[o.pair].problem = PairProblem::kDestinationOverlap;
-    });
-  }
-  for (const auto i : c10::irange(src.size())) {
-    PairFacts& f = facts[i];
-    if (f.problem != PairProblem::kNone || f.noop || f.src.lo == 0) continue;
-    // A source may also overlap its own destination partially: that is refused too.
-    if (f.dst.lo != 0 && f.dst.lo < f.src.hi && f.src.lo < f.dst.hi &&
-        bytes_overlap(src[i], f.src, dst[i], f.dst)) {
-      f.problem = PairProblem::kSourceOverlap;
-      continue;
-    }
-    overlapping_destinations(src[i], f.src, dsts.spans.size(), [&](const Span&) {
-      f.problem = PairProblem::kSourceOverlap;
-    });
-  }
+  return f;
 }
 
-std::vector<PairFacts> examine(at::TensorList dst, at::TensorList src) {
-  std::vector<PairFacts> facts = gather_facts(dst, src);
-  find_overlaps(dst, src, facts);
-  return facts;
+PairFacts source_facts(const DestinationFacts& df, const at::Tensor& d, const at::Tensor& s,
+                       int64_t i, const at::Device& device) {
+  PairFacts f;
+  if (df.problem != PairProblem::kNone) {
+    f.problem = df.problem;
+    return f;
+  }
+  if (s.device() != device && !s.is_cpu()) {
+    f.problem = PairProblem::kDevice;
+    return f;
+  }
+  if (d.sizes() != s.sizes()) {
+    f.problem = PairProblem::kShape;
+    return f;
+  }
+  const at::ScalarType d_type = d.scalar_type();
+  const at::ScalarType s_type = s.scalar_type();
+  if (!convertible(s_type, d_type)) {
+    f.problem = PairProblem::kDtype;
+    return f;
+  }
+  const void* s_data = data_of(s);
+  f.src = span_of(s, i, s_data);
+  const bool same_strides = d.strides() == s.strides();
+  f.noop = df.span.lo != 0 && df.span.lo == reinterpret_cast<uintptr_t>(s_data) &&
+           d_type == s_type && same_strides;
+  // Dense tensors whose strides agree on every dimension of more than one element
+  // store their elements in the same order: one flat copy serves them.
+  f.fused = df.dense && s.is_non_overlapping_and_dense();
+  for (int64_t k = 0; f.fused && !same_strides && k < d.dim(); ++k) {
+    f.fused = d.size(k) <= 1 || d.stride(k) == s.stride(k);
+  }
+  return f;
 }
 
 const char* describe(PairProblem p) {
@@ -226,38 +164,167 @@ const char* describe(PairProblem p) {
   }
 }
 
+using FusedCopyTable = std::array<FusedCopyFn, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>;
+
+FusedCopyTable& fused_copies() {
+  static FusedCopyTable table{};
+  return table;
+}
+
 }  // namespace
 
-std::vector<PairProblem> find_pair_problems(at::TensorList dst, at::TensorList src) {
-  const std::vector<PairFacts> facts = examine(dst, src);
+Destinations::Destinations(at::TensorList dst) : facts_(dst.size()) {
+  if (dst.empty()) return;
+  device_ = dst[0].device();
+  at::parallel_for(0, static_cast<int64_t>(dst.size()), kPairsPerTask, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) facts_[i] = destination_facts(dst[i], i, device_);
+  });
+  sorted_.reserve(facts_.size());
+  for (const DestinationFacts& f : facts_) {
+    if (f.span.lo != 0) sorted_.push_back(f.span);
+  }
+  // Model tensors are usually allocated in address order: then no sort is needed.
+  const auto by_start = [](const Span& x, const Span& y) { return x.lo < y.lo; };
+  if (!std::is_sorted(sorted_.begin(), sorted_.end(), by_start)) {
+    std::sort(sorted_.begin(), sorted_.end(), by_start);
+  }
+  max_hi_.reserve(sorted_.size());
+  for (const auto i : c10::irange(sorted_.size())) {
+    const Span& s = sorted_[i];
+    // A destination starting before an earlier one ends: find which ones it meets.
+    if (i > 0 && s.lo < max_hi_.back()) {
+      for (size_t j = first_reaching(s.lo); j < i; ++j) {
+        const Span& o = sorted_[j];
+        if (intersect(o, s) && bytes_overlap(dst[s.pair], s, dst[o.pair], o)) {
+          facts_[s.pair].problem = facts_[o.pair].problem = PairProblem::kDestinationOverlap;
+        }
+      }
+    }
+    max_hi_.push_back(max_hi_.empty() ? s.hi : std::max(max_hi_.back(), s.hi));
+  }
+}
+
+// Every destination that can reach past `at` has a sorted index of at least this:
+// the first whose running maximum end exceeds it. A branch-free binary search: one
+// runs per source on every reload.
+size_t Destinations::first_reaching(uintptr_t at) const {
+  if (max_hi_.empty()) return 0;
+  const uintptr_t* base = max_hi_.data();
+  for (size_t n = max_hi_.size(); n > 1; n -= n / 2) {
+    base = base[n / 2] <= at ? base + n / 2 : base;
+  }
+  return static_cast<size_t>(base - max_hi_.data()) + (*base <= at ? 1 : 0);
+}
+
+bool Destinations::overlaps_other(at::TensorList dst, const at::Tensor& src, const Span& span) const {
+  for (size_t j = first_reaching(span.lo); j < sorted_.size() && sorted_[j].lo < span.hi; ++j) {
+    const Span& o = sorted_[j];
+    if (o.hi <= span.lo || o.pair == span.pair) continue;
+    const at::Tensor& d = dst[o.pair];
+    if (src.device() == d.device() && bytes_overlap(src, span, d, o)) return true;
+  }
+  return false;
+}
+
+namespace {
+
+// Calls put(value) for every value of t's fingerprint, stopping early when put says so.
+template <typename Put>
+bool put_fingerprint(const at::Tensor& t, Put put) {
+  const int64_t kind = static_cast<int64_t>(t.scalar_type()) << 32 |
+                       static_cast<int64_t>(t.device().type()) << 8 |
+                       static_cast<uint8_t>(t.device().index());
+  if (!put(reinterpret_cast<int64_t>(data_of(t))) || !put(kind) || !put(t.dim())) return false;
+  for (const int64_t size : t.sizes()) {
+    if (!put(size)) return false;
+  }
+  for (const int64_t stride : t.strides()) {
+    if (!put(stride)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Fingerprints::Fingerprints(at::TensorList tensors) {
+  values_.reserve(tensors.size() * 7);
+  starts_.reserve(tensors.size() + 1);
+  for (const at::Tensor& t : tensors) {
+    starts_.push_back(values_.size());
+    put_fingerprint(t, [&](int64_t v) {
+      values_.push_back(v);
+      return true;
+    });
+  }
+  starts_.push_back(values_.size());
+}
+
+bool Fingerprints::matches(size_t i, const at::Tensor& t) const {
+  size_t next = starts_[i];
+  const size_t end = starts_[i + 1];
+  return put_fingerprint(t, [&](int64_t v) { return next < end && values_[next++] == v; }) && next == end;
+}
+
+std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList dst, at::TensorList src,
+                                       const Fingerprints* expected, bool* changed) {
+  TORCH_CHECK(dst.size() == src.size() && dst.size() == dsts.size(), "batched_copy_: got ",
+              dst.size(), " destinations but ", src.size(), " sources");
+  std::vector<PairFacts> facts(src.size());
+  if (src.empty()) return facts;
+  const at::Device device = dsts.device();
+  std::atomic<bool> moved{false};
+  at::parallel_for(0, static_cast<int64_t>(src.size()), kPairsPerTask, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      // Compared in the same pass: the destination's TensorImpl is read once.
+      if (expected != nullptr && !expected->matches(i, dst[i])) {
+        moved = true;
+        return;
+      }
+      PairFacts& f = facts[i];
+      f = source_facts(dsts[i], dst[i], src[i], i, device);
+      if (f.problem != PairProblem::kNone || f.noop || f.src.lo == 0) continue;
+      // A source may also overlap its own destination partially: that is refused too.
+      const Span& own = dsts[i].span;
+      if ((own.lo != 0 && intersect(own, f.src) && bytes_overlap(src[i], f.src, dst[i], own)) ||
+          dsts.overlaps_other(dst, src[i], f.src)) {
+        f.problem = PairProblem::kSourceOverlap;
+      }
+    }
+  });
+  if (changed != nullptr) *changed = moved;
+  return facts;
+}
+
+std::vector<PairProblem> pair_problems(const std::vector<PairFacts>& facts) {
   std::vector<PairProblem> problems(facts.size());
   for (const auto i : c10::irange(facts.size())) problems[i] = facts[i].problem;
   return problems;
 }
 
-DescribedBatch checked_batch(at::TensorList dst, at::TensorList src) {
-  const std::vector<PairFacts> facts = examine(dst, src);
+std::vector<PairProblem> find_pair_problems(at::TensorList dst, at::TensorList src) {
+  TORCH_CHECK(dst.size() == src.size(), "batched_copy_: got ", dst.size(), " destinations but ",
+              src.size(), " sources");
+  const Destinations dsts(dst);
+  return pair_problems(examine_sources(dsts, dst, src));
+}
+
+DescribedBatch describe_pairs(const Destinations& dsts, const std::vector<PairFacts>& facts,
+                              at::TensorList dst, at::TensorList src, size_t begin, size_t end) {
   DescribedBatch batch;
-  batch.fused.reserve(facts.size());
-  batch.fused_pairs.reserve(facts.size());
-  for (const auto i : c10::irange(facts.size())) {
+  batch.fused.reserve(end - begin);
+  batch.fused_pairs.reserve(end - begin);
+  for (size_t i = begin; i < end; ++i) {
     const PairFacts& f = facts[i];
-    TORCH_CHECK(f.problem == PairProblem::kNone, "batched_copy_: pair ", i, ": ",
-                describe(f.problem), " (destination ", dst[i].scalar_type(), dst[i].sizes(),
-                " on ", dst[i].device(), ", source ", src[i].scalar_type(), src[i].sizes(),
-                " on ", src[i].device(), ")");
-  }
-  for (const auto i : c10::irange(facts.size())) {
-    const PairFacts& f = facts[i];
-    if (f.noop || f.dst.lo == 0) continue;
+    TORCH_INTERNAL_ASSERT(f.problem == PairProblem::kNone, "describe_pairs: pair ", i, " was refused");
+    if (f.noop || dsts[i].span.lo == 0) continue;
     if (!f.fused) {
-      batch.fallback.push_back(i);
+      batch.fallback.push_back(static_cast<int64_t>(i));
       continue;
     }
     const at::Tensor& d = dst[i];
     const at::Tensor& s = src[i];
     const bool same_dtype = d.scalar_type() == s.scalar_type();
-    batch.fused_pairs.push_back(i);
+    batch.fused_pairs.push_back(static_cast<int64_t>(i));
     batch.fused.push_back(CopyDesc{
         reinterpret_cast<const char*>(f.src.lo),
         static_cast<char*>(d.mutable_data_ptr()),
@@ -267,6 +334,32 @@ DescribedBatch checked_batch(at::TensorList dst, at::TensorList src) {
     });
   }
   return batch;
+}
+
+DescribedBatch checked_batch(at::TensorList dst, at::TensorList src) {
+  TORCH_CHECK(dst.size() == src.size(), "batched_copy_: got ", dst.size(), " destinations but ",
+              src.size(), " sources");
+  const Destinations dsts(dst);
+  const std::vector<PairFacts> facts = examine_sources(dsts, dst, src);
+  for (const auto i : c10::irange(facts.size())) {
+    const PairFacts& f = facts[i];
+    TORCH_CHECK(f.problem == PairProblem::kNone, "batched_copy_: pair ", i, ": ",
+                describe(f.problem), " (destination ", dst[i].scalar_type(), dst[i].sizes(),
+                " on ", dst[i].device(), ", source ", src[i].scalar_type(), src[i].sizes(),
+                " on ", src[i].device(), ")");
+  }
+  return describe_pairs(dsts, facts, dst, src, 0, facts.size());
+}
+
+bool register_fused_copy(c10::DeviceType type, FusedCopyFn fn) {
+  fused_copies()[static_cast<size_t>(type)] = fn;
+  return true;
+}
+
+FusedCopyFn fused_copy_for(c10::DeviceType type) {
+  const FusedCopyFn fn = fused_copies()[static_cast<size_t>(type)];
+  TORCH_CHECK(fn != nullptr, "batched_copy_: this build has no kernel for ", type, " tensors");
+  return fn;
 }
 
 namespace {

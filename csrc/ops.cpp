@@ -1,19 +1,9 @@
 // The fastreload operator library: every schema, declared once. Kernels live
 // beside it, one registration per backend (cpu/, cuda/) or, for metadata-only
-// ops, one CompositeExplicitAutograd kernel for all devices.
+// ops, one CompositeExplicitAutograd kernel for all devices. The Python module
+// (python/module.cpp) adds what a dispatcher call cannot do fast enough.
 
 #include <torch/library.h>
-
-#ifdef TORCH_EXTENSION_NAME
-#include <Python.h>
-
-// Importing fastreload._C loads this library and so runs the registrations
-// below; the module itself exposes nothing: the ops live under torch.ops.fastreload.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-#endif
 
 TORCH_LIBRARY(fastreload, m) {
   // [N] int64: each tensor's untyped storage address; 0 where there are no bytes (meta, empty).

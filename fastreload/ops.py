@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 try:
-    from fastreload import _C  # noqa: F401  (loading it registers the ops)
+    from fastreload import _C  # loading it registers the ops
 except ImportError as error:
     raise ImportError(
         f"fastreload's operator library could not be loaded ({error}). Build it against the torch "
@@ -18,7 +18,7 @@ except ImportError as error:
         "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
-    "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",
+    "BoundCopy", "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",
     "batched_copy_with_table_", "storage_alias_mask", "storage_ptrs",
 ]
 
@@ -70,6 +70,30 @@ def batched_copy_with_table_(dst: Sequence[torch.Tensor], src: Sequence[torch.Te
     synchronization, so it can be captured in a CUDA graph. The pairs are checked as
     always, and must be the ones the table was built for."""
     torch.ops.fastreload.batched_copy_with_table_.default(list(dst), list(src), host_table, device_table)
+
+
+class BoundCopy:
+    """batched_copy_ into a fixed list of destinations, for copying into the same
+    tensors again and again:
+
+        copy = BoundCopy(model_tensors, batch_stops=[len(model_tensors)])
+        problems = copy(new_values)  # None, or PairProblem codes with nothing written
+
+    The destinations are read and checked once (then again only when one of them
+    changed: another address, dtype, shape or strides), and each call reads the
+    sources straight from the tuple, skipping the per-tensor cost of passing lists
+    through torch.ops. The checks are batched_copy_'s, and the copy its backend's.
+    Every pair is checked before the first batch is written; on_batch(bytes) is
+    called after each batch."""
+
+    def __init__(self, dst: Sequence[torch.Tensor], batch_stops: Sequence[int]) -> None:
+        self._bound = _C.BoundCopy(list(dst), list(batch_stops))
+
+    def __call__(self, src: Sequence[torch.Tensor], on_batch=None) -> torch.Tensor | None:
+        return self._bound.copy(src, on_batch)
+
+    def __len__(self) -> int:
+        return len(self._bound)
 
 
 class ReplayableCopy:

@@ -18,7 +18,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout
 
-__all__ = ["Plan", "StaleLayout", "Work", "check_pairs", "plan_for", "resolve"]
+__all__ = ["Plan", "StaleLayout", "Work", "check_pairs", "plan_for", "raise_not_tensors", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Plan:
     fetch_leading: operator.itemgetter
     dsts: tuple[torch.Tensor, ...]
     unit_of: tuple[int, ...]  # the layer (index into layout.units) of each target
+    # batched_copy_ bound to dsts in these batches: what a reload of every target runs.
+    bound: ops.BoundCopy
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,18 @@ class Work:
     dsts: list[torch.Tensor]
     srcs: list[torch.Tensor]
     names: list[str] | tuple[str, ...]  # leading name of each pair
-    batches: tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]
+    # Pairs to copy batch by batch; None: every target, copied by plan.bound.
+    batches: tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...] | None
     tensors: int
     bytes: int
     layers: int
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
+
+    @property
+    def copies(self) -> int:
+        """batched_copy_ calls (or batches of the bound copy) this work takes."""
+        return len(self.plan.batches) if self.batches is None else len(self.batches)
 
 
 def plan_for(layout: Layout, batch_bytes: int) -> Plan:
@@ -78,8 +86,10 @@ def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
     # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
     fetch = operator.itemgetter(*leading) if len(leading) != 1 else (lambda m: (m[leading[0]],))
     unit_of = tuple(u for u, unit in enumerate(layout.units) for _ in range(unit.start, unit.stop))
+    dsts = tuple(t.tensor for t in layout.targets)
+    bound = ops.BoundCopy(dsts, [stop for _, stop in batches] or [0])
     return Plan(layout, tuple(batches), tuple(sizes), sum(sizes), leading, frozenset(leading),
-                fetch, tuple(t.tensor for t in layout.targets), unit_of)
+                fetch, dsts, unit_of, bound)
 
 
 def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> Work:
@@ -88,39 +98,42 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
     or conflicting tied names, listing with them every pair problem. Pair problems
     alone are found by check_pairs, or by batched_copy_ itself. Writes nothing."""
     layout = plan.layout
-    values: list[torch.Tensor | None]
     try:
-        values = list(plan.fetch_leading(source)) if plan.leading else []
+        fetched = plan.fetch_leading(source) if plan.leading else ()
     except KeyError:
-        values = [source.get(n) for n in plan.leading]
+        fetched = None
+    # The common case, a source holding exactly the leading names (that the values
+    # are tensors, the bound copy checks as it reads them).
+    if fetched is not None and len(source) == len(plan.leading):
+        return Work(plan, plan.dsts, fetched, plan.leading, None, len(fetched), plan.total_bytes,
+                    len(layout.units))
 
+    values: list[torch.Tensor | None]
+    values = list(fetched) if fetched is not None else [source.get(n) for n in plan.leading]
     missing: list[str] = []
     unexpected: list[str] = []
     uninitialized: list[str] = []
     conflicts: list[str] = []
     not_tensors: list[str] = []
-    # The common case, a source holding exactly the leading names, skips this scan.
-    kinds = set(map(type, values))
-    if len(source) != len(plan.leading) or not all(issubclass(k, torch.Tensor) for k in kinds):
-        for name in source.keys() - plan.leading_set:
-            index = layout.target_index.get(name)
-            if index is not None:  # a tied second name
-                value = source[name]
-                if not isinstance(value, torch.Tensor):
-                    not_tensors.append(name)
-                elif values[index] is None:
-                    values[index] = value
-                elif not same_values(values[index], value):
-                    conflicts.append(name)
-            elif name in layout.uninitialized:
-                uninitialized.append(name)
-            elif name not in layout.ignored:
-                unexpected.append(name)
-        missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
-        not_tensors += [plan.leading[i] for i, v in enumerate(values)
-                        if v is not None and not isinstance(v, torch.Tensor)]
-        if not_tensors:
-            raise TypeError(f"source values must be tensors; not so for {not_tensors[:20]}")
+    for name in source.keys() - plan.leading_set:
+        index = layout.target_index.get(name)
+        if index is not None:  # a tied second name
+            value = source[name]
+            if not isinstance(value, torch.Tensor):
+                not_tensors.append(name)
+            elif values[index] is None:
+                values[index] = value
+            elif not same_values(values[index], value):
+                conflicts.append(name)
+        elif name in layout.uninitialized:
+            uninitialized.append(name)
+        elif name not in layout.ignored:
+            unexpected.append(name)
+    missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
+    not_tensors += [plan.leading[i] for i, v in enumerate(values)
+                    if v is not None and not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise_not_tensors(not_tensors)
 
     present = range(len(values)) if not missing else [i for i, v in enumerate(values) if v is not None]
     dsts = [plan.dsts[i] for i in present] if missing else list(plan.dsts)
@@ -135,8 +148,7 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
             uninitialized=uninitialized, conflicts=conflicts)
 
     if not missing:
-        batches = tuple((list(plan.dsts[a:b]), srcs[a:b]) for a, b in plan.batches)
-        return Work(plan, dsts, srcs, names, batches, len(srcs), plan.total_bytes,
+        return Work(plan, dsts, srcs, names, None, len(srcs), plan.total_bytes,
                     len(layout.units), (), tuple(unexpected))
     batches, layers = _batches_of_present(plan, values)
     nbytes = sum(plan.sizes[i] for i in present)
@@ -144,21 +156,27 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
                 tuple(missing), tuple(unexpected))
 
 
+def raise_not_tensors(names) -> None:
+    raise TypeError(f"source values must be tensors; not so for {list(names)[:20]}")
+
+
 class StaleLayout(Exception):
     """Two targets of the layout share bytes now: the model's storage changed since
     the layout was made (``p.data = q.data``); make it again."""
 
 
-def check_pairs(work: Work) -> None:
+def check_pairs(work: Work, problems: torch.Tensor | None = None) -> None:
     """Raises ReloadError naming every pair batched_copy_ would refuse (shape,
-    dtype, device, shared memory), or StaleLayout; writes nothing."""
-    mismatched = pair_problems(work.dsts, work.srcs, work.names)
+    dtype, device, shared memory), or StaleLayout; writes nothing. problems: the
+    PairProblem codes, when a copy has already found them."""
+    mismatched = pair_problems(work.dsts, work.srcs, work.names, problems)
     if mismatched:
         raise ReloadError(mismatched=mismatched)
 
 
-def pair_problems(dsts: list[torch.Tensor], srcs: list[torch.Tensor], names) -> dict[str, str]:
-    problems = ops.batched_copy_check(dsts, srcs)
+def pair_problems(dsts, srcs, names, problems: torch.Tensor | None = None) -> dict[str, str]:
+    if problems is None:
+        problems = ops.batched_copy_check(dsts, srcs)
     if not problems.any():
         return {}
     if (problems == ops.PairProblem.DESTINATION_OVERLAP).any():

@@ -13,7 +13,7 @@ from torch import nn
 from fastreload import ops
 from fastreload.model import Layout, forget, layout_of
 from fastreload.names import Renamed, detect_wrappers, renamer
-from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, resolve
+from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, raise_not_tensors, resolve
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
 from fastreload.stream import consume
@@ -32,7 +32,20 @@ DEFAULT_STREAM_BATCH_BYTES = 256 * 2**20
 
 def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work]:
     layout = layout_of(model)
-    work = resolve(plan_for(layout, batch_bytes), source, strict=strict)
+    plan = plan_for(layout, batch_bytes)
+    work = resolve(plan, source, strict=strict)
+    if work.batches is None:
+        # Every target: the bound copy checks every pair, then writes batch by batch.
+        try:
+            problems = plan.bound(work.srcs, on_written)
+        except TypeError:
+            not_tensors = [n for n, v in zip(work.names, work.srcs) if not isinstance(v, torch.Tensor)]
+            if not_tensors:
+                raise_not_tensors(not_tensors)
+            raise
+        if problems is not None:
+            check_pairs(work, problems)
+        return layout, work
     if len(work.batches) > 1:
         check_pairs(work)  # a refusal in a later batch must not follow written ones
     try:
@@ -144,7 +157,7 @@ def reload_layerwise(
                 except StaleLayout:
                     forget(model)
                     layout, done = _copy(model, source, strict, batch_bytes, on_written)
-                calls, peak = len(done.batches), 0
+                calls, peak = done.copies, 0
                 # A mapping's tensors are the caller's, already in memory: not counted.
                 bytes_read = files.nbytes if files is not None else None
     finally:

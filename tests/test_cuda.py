@@ -38,6 +38,22 @@ def test_device_pageable_and_pinned_sources_in_one_call(dtypes):
     assert_copied(dsts, expected)
 
 
+def test_bound_copy_from_device_pageable_and_pinned_sources():
+    shapes = [(i % 7 + 1, 29) for i in range(2000)]
+    dsts = [torch.zeros(shape, dtype=torch.bfloat16, device="cuda") for shape in shapes]
+    pointers = [d.data_ptr() for d in dsts]
+    bound = ops.BoundCopy(dsts, [700, 2000])
+    for round_ in range(3):
+        srcs = []
+        for i, shape in enumerate(shapes):
+            s = torch.randn(shape) + round_
+            srcs.append([s.cuda(), s, s.pin_memory()][(i + round_) % 3])
+        expected = expected_copies(dsts, srcs)
+        assert bound(tuple(srcs)) is None
+        assert_copied(dsts, expected)
+    assert [d.data_ptr() for d in dsts] == pointers
+
+
 def test_pageable_sources_larger_than_one_staging_bucket():
     # 80 MiB of pageable sources: more than one 64 MiB pinned bucket, and one source
     # larger than a bucket by itself.

@@ -40,9 +40,9 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def check_batched_copy(targets, srcs):
+def check_batched_copy(targets, srcs, copy=ops.batched_copy_):
     """targets[i] = (buffer, view_of): view_of(buffer) is destination i. Runs one
-    batched_copy_ and checks each buffer ends as per-pair copy_ leaves a clone of it:
+    batched_copy_ (or `copy`, called like it) and checks each buffer ends as per-pair copy_ leaves a clone of it:
     every destination holds its source (converted) and no other byte changed."""
     buffers = {id(b): b for b, _ in targets}
     expected = {k: b.clone() for k, b in buffers.items()}
@@ -52,7 +52,7 @@ def check_batched_copy(targets, srcs):
         bits(view_of(covered[id(buf)])).fill_(-1)
     dsts = [view_of(buf) for buf, view_of in targets]
 
-    ops.batched_copy_(dsts, srcs)
+    copy(dsts, srcs)
 
     for i, ((buf, view_of), dst, src) in enumerate(zip(targets, dsts, srcs)):
         try:
@@ -483,10 +483,21 @@ def _pair(draw):
     return src_dtype, dst_dtype, shape, dst_layout, src_layout
 
 
+def halves(n):
+    """Batch stops cutting n pairs in two batches (one when there is a single pair)."""
+    return [n // 2, n] if n > 1 else [n]
+
+
+def bound_copy(dsts, srcs):
+    """As batched_copy_, through a BoundCopy of two batches (one for a single pair)."""
+    assert ops.BoundCopy(dsts, halves(len(dsts)))(tuple(srcs)) is None
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("copy", [ops.batched_copy_, bound_copy], ids=["batched_copy_", "BoundCopy"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pairs=st.lists(_pair(), min_size=1, max_size=8), seed=st.integers(0, 2**31 - 1))
-def test_property_matches_per_pair_copy(device, pairs, seed):
+def test_property_matches_per_pair_copy(device, copy, pairs, seed):
     g = gen(seed)
     targets, srcs = [], []
     for src_dtype, dst_dtype, shape, dst_layout, src_layout in pairs:
@@ -497,7 +508,7 @@ def test_property_matches_per_pair_copy(device, pairs, seed):
         srcs.append(src_view(random_values((src_need,), src_dtype, g, device)))
     dsts = [v(b) for b, v in targets]
     assert ops.batched_copy_check(dsts, srcs).tolist() == [PairProblem.NONE] * len(pairs)
-    check_batched_copy(targets, srcs)
+    check_batched_copy(targets, srcs, copy)
 
 
 # ----------------------------------------------------------------------------------------
@@ -748,3 +759,68 @@ def test_table_ops_refuse_meta_tensors_instead_of_doing_nothing():
                                      torch.zeros(1, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="meta"):
         ops.batched_copy_table([dst], [meta])
+
+
+# ----------------------------------------------------------------------------------------
+# BoundCopy: batched_copy_ bound to fixed destinations, as a reload runs it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", REFUSED_NAMES)
+@pytest.mark.parametrize("batches", ["one", "two"])
+def test_bound_copy_refusals_write_nothing_and_name_every_pair(device, case, batches):
+    (_, dsts, srcs, codes), = [c for c in _refused(device) if c[0] == case]
+    storages = {t.untyped_storage().data_ptr(): t for t in dsts}
+    before = {p: storage_bytes(t).clone() for p, t in storages.items()}
+    stops = [len(dsts)] if batches == "one" else halves(len(dsts))
+    problems = ops.BoundCopy(dsts, stops)(srcs)
+    assert problems is not None and problems.tolist() == codes
+    for p, t in storages.items():
+        assert torch.equal(storage_bytes(t), before[p]), f"{case}: a destination was written"
+
+
+def test_bound_copy_reports_each_batch_and_copies_again_and_again():
+    dsts = [torch.zeros(4), torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2, 2)]
+    bound = ops.BoundCopy(dsts, [1, 3])
+    assert len(bound) == 3
+    for value in (1.0, 2.0, 3.0):
+        written = []
+        assert bound([torch.full_like(d, value, dtype=torch.float32) for d in dsts], written.append) is None
+        assert written == [16, 6 + 16]
+        assert all(torch.equal(d, torch.full_like(d, value)) for d in dsts)
+
+
+def test_bound_copy_follows_destinations_that_change():
+    p, q = torch.zeros(4), torch.zeros(3)
+    bound = ops.BoundCopy([p, q], [2])
+    assert bound((torch.ones(4), torch.ones(3))) is None
+    old = p.data
+    p.data = torch.zeros(4)  # new storage behind the same tensor object
+    assert bound((torch.full((4,), 2.0), torch.full((3,), 2.0))) is None
+    assert torch.equal(p, torch.full((4,), 2.0)), "wrote to the storage the tensor had before"
+    assert torch.equal(old, torch.ones(4))
+    p.data = torch.zeros(5)
+    assert bound((torch.ones(4), torch.ones(3))).tolist() == [PairProblem.SHAPE, PairProblem.NONE]
+    assert torch.equal(q, torch.full((3,), 2.0)), "a refused copy wrote"
+    p.data = torch.zeros(3)
+    q.data = p.data  # now the two destinations are one
+    problems = bound((torch.ones(3), torch.ones(3)))
+    assert problems.tolist() == [PairProblem.DESTINATION_OVERLAP] * 2
+    assert torch.equal(p, torch.zeros(3))
+
+
+def test_bound_copy_bad_arguments():
+    dsts = [torch.zeros(2), torch.zeros(3)]
+    bound = ops.BoundCopy(dsts, [2])
+    with pytest.raises(TypeError, match="source 1 is a str"):
+        bound((torch.ones(2), "weights"))
+    with pytest.raises(ValueError, match="got 1 sources for 2 destinations"):
+        bound((torch.ones(2),))
+    with pytest.raises(TypeError, match="sequence"):
+        bound(42)
+    with pytest.raises(ValueError, match="last batch"):
+        ops.BoundCopy(dsts, [1])
+    with pytest.raises(ValueError, match="increase"):
+        ops.BoundCopy(dsts, [1, 1, 2])
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in dsts)
+    assert ops.BoundCopy([], [0])(()) is None

@@ -21,8 +21,7 @@ constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
 // not stay in the caches anyway.
 constexpr int64_t kStreamStoreMinBytes = int64_t{8} << 20;
 
-void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
-  const DescribedBatch batch = checked_batch(dst, src);
+void fused_copy_cpu(const DescribedBatch& batch, at::TensorList dst, at::TensorList src) {
   const std::vector<CopyChunk> chunks =
       plan_chunks(batch.fused.data(), static_cast<int64_t>(batch.fused.size()), kCpuChunkBytes);
 
@@ -45,6 +44,12 @@ void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
 
   for (const int64_t i : batch.fallback) dst[i].copy_(src[i]);
 }
+
+void batched_copy_cpu(at::TensorList dst, at::TensorList src) {
+  fused_copy_cpu(checked_batch(dst, src), dst, src);
+}
+
+[[maybe_unused]] const bool registered = register_fused_copy(c10::DeviceType::CPU, &fused_copy_cpu);
 
 }  // namespace
 

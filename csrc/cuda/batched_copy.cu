@@ -200,13 +200,15 @@ void copy_fallback(at::TensorList dst, at::TensorList src, const DescribedBatch&
   for (const int64_t i : batch.fallback) dst[i].copy_(src[i], /*non_blocking=*/true);
 }
 
-void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
-  // Checked first: the host-source probes below are driver calls capture forbids.
+void check_not_capturing() {
   TORCH_CHECK(!capturing(),
               "batched_copy_: cannot upload a descriptor table during CUDA graph capture; build it "
               "before capture with batched_copy_table and capture batched_copy_with_table_ "
               "(fastreload.ops.ReplayableCopy)");
-  const DescribedBatch batch = checked_batch(dst, src);
+}
+
+void fused_copy_cuda(const DescribedBatch& batch, at::TensorList dst, at::TensorList src) {
+  check_not_capturing();
   if (dst.empty()) return;
   const c10::cuda::CUDAGuard guard(dst[0].device());
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
@@ -226,6 +228,14 @@ void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
   copy_pageable(staged, dst[0].device(), stream);
   copy_fallback(dst, src, batch);
 }
+
+void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
+  // Checked first: the host-source probes are driver calls capture forbids.
+  check_not_capturing();
+  fused_copy_cuda(checked_batch(dst, src), dst, src);
+}
+
+[[maybe_unused]] const bool registered = register_fused_copy(c10::DeviceType::CUDA, &fused_copy_cuda);
 
 // [host table, device table] for a fixed batch whose sources the device reads directly.
 std::vector<at::Tensor> batched_copy_table(at::TensorList dst, at::TensorList src) {

@@ -1,0 +1,154 @@
+// fastreload._C: importing it loads the operator library (the registrations in
+// ops.cpp, cpu/ and cuda/ run), and it holds what a call through torch.ops cannot
+// do fast enough: BoundCopy.
+//
+// A reload of a large MoE copies tens of thousands of pairs into the same model
+// tensors every time. Through batched_copy_, each call passes two Python lists
+// as Tensor[] (every element boxed into an IValue, then unboxed: about 0.1 µs
+// per tensor) and reads and checks every destination again. BoundCopy keeps the
+// destinations, read and checked once, and on each call reads only the sources,
+// straight out of a Python tuple, plus a fingerprint of each destination that
+// tells whether it changed (then it reads them again). The checks are the ones
+// batched_copy_ runs (copy_pairs.h), and the copy is its backend's own pass.
+
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../copy_pairs.h"
+
+namespace fastreload {
+namespace {
+
+namespace py = pybind11;
+
+// Tensors handed out without touching their reference counts: counting a
+// Python-owned tensor's references costs more than checking its pair. Whoever
+// owns the objects keeps them alive meanwhile.
+struct Borrowed {
+  std::vector<at::Tensor> tensors;
+  ~Borrowed() {
+    for (at::Tensor& t : tensors) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+};
+
+// The tensors of a sequence, as a tuple held for the object's lifetime: a tuple
+// cannot drop its items while the copy runs without the GIL; a list could.
+class BorrowedSources {
+ public:
+  explicit BorrowedSources(py::handle sources)
+      : tuple_(py::reinterpret_steal<py::object>(PySequence_Tuple(sources.ptr()))) {
+    if (!tuple_) {
+      PyErr_Clear();
+      throw py::type_error(std::string("BoundCopy: sources must be a sequence of tensors, not ") +
+                           Py_TYPE(sources.ptr())->tp_name);
+    }
+    const Py_ssize_t n = PyTuple_GET_SIZE(tuple_.ptr());
+    borrowed_.tensors.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(tuple_.ptr(), i);
+      if (!THPVariable_Check(item)) {
+        throw py::type_error("BoundCopy: source " + std::to_string(i) + " is a " +
+                             Py_TYPE(item)->tp_name + ", not a tensor");
+      }
+      borrowed_.tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(item)));
+    }
+  }
+
+  at::TensorList list() const { return borrowed_.tensors; }
+
+ private:
+  py::object tuple_;  // declared first: released after the borrows
+  Borrowed borrowed_;
+};
+
+py::object as_problem_codes(const std::vector<PairProblem>& problems) {
+  at::Tensor out = at::empty({static_cast<int64_t>(problems.size())}, at::kChar);
+  std::copy(problems.begin(), problems.end(), reinterpret_cast<PairProblem*>(out.data_ptr<int8_t>()));
+  return py::cast(out);
+}
+
+class BoundCopy {
+ public:
+  // batch_stops: the end index of each batch, increasing, the last one len(dst).
+  BoundCopy(std::vector<at::Tensor> dst, std::vector<int64_t> batch_stops)
+      : dst_(std::move(dst)), stops_(std::move(batch_stops)) {
+    TORCH_CHECK_VALUE(!stops_.empty() && stops_.back() == static_cast<int64_t>(dst_.size()),
+                      "BoundCopy: the last batch must end at the last destination (", dst_.size(), ")");
+    int64_t start = 0;
+    for (const int64_t stop : stops_) {
+      TORCH_CHECK_VALUE(stop > start || dst_.empty(), "BoundCopy: batch stops must increase, got ",
+                        stop, " after ", start);
+      int64_t bytes = 0;
+      for (int64_t i = start; i < stop; ++i) bytes += dst_[i].numel() * dst_[i].element_size();
+      batch_bytes_.push_back(bytes);
+      start = stop;
+    }
+    read_destinations();
+  }
+
+  // dst[i] <- sources[i] for every pair, batch by batch, calling on_batch(bytes)
+  // after each. Returns None when done or, having written nothing, the
+  // PairProblem code of every pair when some pair is refused.
+  py::object copy(py::handle sources, py::handle on_batch) {
+    const BorrowedSources borrowed(sources);
+    const at::TensorList src = borrowed.list();
+    TORCH_CHECK_VALUE(src.size() == dst_.size(), "BoundCopy: got ", src.size(), " sources for ",
+                      dst_.size(), " destinations");
+    std::vector<PairFacts> facts;
+    {
+      const py::gil_scoped_release no_gil;
+      bool changed = false;
+      facts = examine_sources(*dsts_, dst_, src, fingerprints_.get(), &changed);
+      if (changed) {
+        read_destinations();
+        facts = examine_sources(*dsts_, dst_, src);
+      }
+    }
+    // Every pair is checked before any batch is written.
+    for (const PairFacts& f : facts) {
+      if (f.problem != PairProblem::kNone) return as_problem_codes(pair_problems(facts));
+    }
+    int64_t start = 0;
+    for (const auto b : c10::irange(stops_.size())) {
+      const int64_t stop = stops_[b];
+      {
+        const py::gil_scoped_release no_gil;
+        const DescribedBatch batch = describe_pairs(*dsts_, facts, dst_, src, start, stop);
+        if (stop > start) fused_copy_for(dsts_->device().type())(batch, dst_, src);
+      }
+      if (!on_batch.is_none()) on_batch(batch_bytes_[b]);
+      start = stop;
+    }
+    return py::none();
+  }
+
+  int64_t size() const { return static_cast<int64_t>(dst_.size()); }
+
+ private:
+  void read_destinations() {
+    dsts_ = std::make_unique<const Destinations>(dst_);
+    fingerprints_ = std::make_unique<const Fingerprints>(dst_);
+  }
+
+  std::vector<at::Tensor> dst_;
+  std::vector<int64_t> stops_;
+  std::vector<int64_t> batch_bytes_;
+  std::unique_ptr<const Destinations> dsts_;
+  std::unique_ptr<const Fingerprints> fingerprints_;
+};
+
+}  // namespace
+}  // namespace fastreload
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using fastreload::BoundCopy;
+  pybind11::class_<BoundCopy>(m, "BoundCopy")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>>(), pybind11::arg("dst"),
+           pybind11::arg("batch_stops"))
+      .def("copy", &BoundCopy::copy, pybind11::arg("sources"), pybind11::arg("on_batch") = pybind11::none())
+      .def("__len__", &BoundCopy::size);
+}

@@ -403,3 +403,15 @@ def test_weight_loader_is_honoured_and_reported(recorded):
     assert model.proj.weight.data_ptr() == pointer
     assert report.custom_loaded == ("proj.weight",)
     assert torch.equal(model.other.weight, torch.ones(2, 2))
+
+
+def test_a_recorded_model_is_freed_when_dropped():
+    import gc
+    import weakref
+
+    model = built(Net, checkpoint(Net()))
+    reload_layerwise(model, checkpoint(Net(), seed=1))
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

@@ -10,7 +10,9 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import forget
 from fastreload.reload import DEFAULT_BATCH_BYTES, reload_layerwise
+from fastreload.replay import Recording, record
 from fastreload.report import ReloadReport
 
-__all__ = ["DEFAULT_BATCH_BYTES", "ReloadError", "ReloadReport", "forget", "ops", "reload_layerwise"]
+__all__ = ["DEFAULT_BATCH_BYTES", "Recording", "ReloadError", "ReloadReport", "forget", "ops", "record",
+           "reload_layerwise"]
 __version__ = "0.1.0"

@@ -25,7 +25,9 @@ class ReloadError(RuntimeError):
     missing, unexpected, mismatched (name -> "expected ... got ..."), uninitialized
     (source tensors aimed at parameters that cannot be loaded in place), conflicts
     (tied names with different values), overlapping (model tensors that share
-    bytes without being the same tensor) and duplicates (names a stream sent twice).
+    bytes without being the same tensor), duplicates (names a stream sent twice) and
+    processed (kernel tensors of a replayed unit, by name -> what its processing did
+    wrong: failed, left one unproduced, produced another shape or dtype).
     For a stream, written_layers and unwritten_layers say where it stopped; they are
     empty when nothing was written.
     """
@@ -40,6 +42,7 @@ class ReloadError(RuntimeError):
         conflicts: Iterable[str] = (),
         overlapping: Iterable[str] = (),
         duplicates: Iterable[str] = (),
+        processed: Mapping[str, str] | None = None,
         held_over: str = "",
         written_layers: Iterable[str] = (),
         unwritten_layers: Iterable[str] = (),
@@ -51,6 +54,7 @@ class ReloadError(RuntimeError):
         self.conflicts = tuple(conflicts)
         self.overlapping = tuple(overlapping)
         self.duplicates = tuple(duplicates)
+        self.processed = dict(processed or {})
         self.written_layers = tuple(written_layers)
         self.unwritten_layers = tuple(unwritten_layers)
         lines = []
@@ -74,6 +78,8 @@ class ReloadError(RuntimeError):
                 f"right: {_names(self.overlapping)}")
         if self.duplicates:
             lines.append(f"arrived twice in one reload: {_names(self.duplicates)}")
+        for name, why in list(self.processed.items())[:_SHOWN]:
+            lines.append(f"{name!r}: after processing: {why}")
         if held_over:
             lines.append(held_over)
         if self.written_layers:

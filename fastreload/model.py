@@ -9,6 +9,7 @@ tensor reachable under several names appears under each of them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from collections import Counter
@@ -85,11 +86,11 @@ def is_uninitialized(t: torch.Tensor) -> bool:
     return isinstance(t, UninitializedTensorMixin) or t.is_meta
 
 
-def _walk(module: nn.Module, prefix: str = ""):
+def walk(module: nn.Module, prefix: str = ""):
     yield prefix, module
     for name, child in module._modules.items():
         if child is not None:
-            yield from _walk(child, f"{prefix}{name}.")
+            yield from walk(child, f"{prefix}{name}.")
 
 
 @dataclass
@@ -103,7 +104,7 @@ class _Entry:
 
 def _entries(model: nn.Module) -> list[_Entry]:
     entries = []
-    for prefix, module in _walk(model):
+    for prefix, module in walk(model):
         unit = prefix[:-1]
         for key, p in module._parameters.items():
             if p is not None:
@@ -115,21 +116,28 @@ def _entries(model: nn.Module) -> list[_Entry]:
     return entries
 
 
-def _same_memory_key(t: torch.Tensor, ptr: int):
+def same_memory_key(t: torch.Tensor, ptr: int):
     """Tensors with equal keys are the same bytes seen the same way: tied."""
     if ptr == 0:
         return ("no-bytes", id(t))
     return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def build_layout(model: nn.Module) -> Layout:
+def split_entries(model: nn.Module) -> tuple[list[_Entry], list[_Entry], list[_Entry]]:
+    """(uninitialized, live, aliases): the model's tensors in state_dict order, those
+    that cannot be loaded in place, the others, and the buffers among the others
+    that share storage with any parameter."""
     entries = _entries(model)
     uninitialized = [e for e in entries if is_uninitialized(e.tensor)]
     live = [e for e in entries if not is_uninitialized(e.tensor)]
     params = [e.tensor for e in live if e.is_param]
     buffers = [e for e in live if not e.is_param]
     is_alias = ops.storage_alias_mask([b.tensor for b in buffers], params).tolist()
-    aliases = [b for b, alias in zip(buffers, is_alias) if alias]
+    return uninitialized, live, [b for b, alias in zip(buffers, is_alias) if alias]
+
+
+def build_layout(model: nn.Module) -> Layout:
+    uninitialized, live, aliases = split_entries(model)
     alias_names = {b.name for b in aliases}
 
     written = [e for e in live
@@ -137,7 +145,7 @@ def build_layout(model: nn.Module) -> Layout:
     ptrs = ops.storage_ptrs([e.tensor for e in written]).tolist()
     groups: dict[object, list[_Entry]] = {}
     for e, ptr in zip(written, ptrs):
-        groups.setdefault(_same_memory_key(e.tensor, ptr), []).append(e)
+        groups.setdefault(same_memory_key(e.tensor, ptr), []).append(e)
 
     targets: list[Target] = []
     owners: list[str] = []
@@ -192,13 +200,29 @@ def build_layout(model: nn.Module) -> Layout:
 # Bumped whenever any module registers a parameter, buffer or submodule: a cheap,
 # global signal that some model's structure may have changed.
 _generation = 0
+_paused = 0
 _hooks_installed = False
 _layouts: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
 
 
 def _bump(*_args) -> None:
     global _generation
-    _generation += 1
+    if not _paused:
+        _generation += 1
+
+
+@contextlib.contextmanager
+def registrations_unseen():
+    """Registrations inside are not taken for model changes: for code that puts back
+    exactly the objects it found (a replayed unit's temporaries), so that the cached
+    layout stays valid. Single-threaded: a registration by another thread meanwhile
+    would be missed too."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 def _install_hooks() -> None:

@@ -84,7 +84,10 @@ def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
         batches.append((start, len(layout.targets)))
     leading = tuple(t.name for t in layout.targets)
     # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
-    fetch = operator.itemgetter(*leading) if len(leading) != 1 else (lambda m: (m[leading[0]],))
+    if len(leading) == 1:
+        fetch = lambda m: (m[leading[0]],)  # noqa: E731
+    else:
+        fetch = operator.itemgetter(*leading) if leading else (lambda m: ())
     unit_of = tuple(u for u, unit in enumerate(layout.units) for _ in range(unit.start, unit.stop))
     dsts = tuple(t.tensor for t in layout.targets)
     bound = ops.BoundCopy(dsts, [stop for _, stop in batches] or [0])

@@ -6,14 +6,17 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from fastreload import ops
+from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
 from fastreload.names import Renamed, detect_wrappers, renamer
 from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, raise_not_tensors, resolve
+from fastreload.replay import Replay, ReplayPlan, replay_plan
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
 from fastreload.stream import consume
@@ -30,10 +33,51 @@ DEFAULT_BATCH_BYTES = 2**30
 DEFAULT_STREAM_BATCH_BYTES = 256 * 2**20
 
 
-def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work]:
+def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work, Replay | None]:
     layout = layout_of(model)
-    plan = plan_for(layout, batch_bytes)
-    work = resolve(plan, source, strict=strict)
+    replay = replay_plan(model, layout)
+    if replay is None:
+        plan = plan_for(layout, batch_bytes)
+        work = resolve(plan, source, strict=strict)
+        _write(plan, work, on_written)
+        return layout, work, None
+    return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, on_written)
+
+
+def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, on_written):
+    """Recorded modules replayed, the others copied directly: every name, shape and
+    dtype of both checked before the first write; then the replayed units (whose
+    processing may still refuse one), then the direct batches."""
+    plan = plan_for(replay.direct, batch_bytes)
+    direct_units = [u.prefix or "<root>" for u in replay.direct.units]
+
+    def fail(**problems) -> ReloadError:
+        written, unwritten = session.layers()
+        return ReloadError(**problems, written_layers=written, unwritten_layers=unwritten + direct_units)
+
+    session = Replay(replay, model, batch_bytes=batch_bytes, on_written=on_written, fail=fail)
+    found = session.check_mapping(source)
+    if not strict:
+        found["missing"] = []
+    index, ignored = replay.index, replay.ignored
+    direct = {k: v for k, v in source.items() if k not in index and k not in ignored}
+    try:
+        work = resolve(plan, direct, strict=strict)
+        if work.dsts:
+            check_pairs(work)  # the replayed units are written first: nothing after them may fail
+    except ReloadError as error:
+        raise ReloadError(
+            missing=list(error.missing) + found["missing"], unexpected=error.unexpected,
+            mismatched={**error.mismatched, **found["mismatched"]}, uninitialized=error.uninitialized,
+            conflicts=list(error.conflicts) + found["conflicts"], overlapping=error.overlapping) from None
+    if any(found.values()):
+        raise ReloadError(**found)
+    session.flush()
+    _write(plan, work, on_written)
+    return work, session
+
+
+def _write(plan, work: Work, on_written) -> None:
     if work.batches is None:
         # Every target: the bound copy checks every pair, then writes batch by batch.
         try:
@@ -45,7 +89,7 @@ def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work]
             raise
         if problems is not None:
             check_pairs(work, problems)
-        return layout, work
+        return
     if len(work.batches) > 1:
         check_pairs(work)  # a refusal in a later batch must not follow written ones
     try:
@@ -57,21 +101,27 @@ def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work]
         if len(work.batches) == 1:
             check_pairs(work)  # batched_copy_ refused the batch whole: name the pairs
         raise
-    return layout, work
 
 
-def _known_to(layout: Layout):
+def _known_to(layout: Layout, replay: ReplayPlan | None = None):
+    if replay is not None:
+        direct = _known_to(replay.direct)
+        return lambda name: name in replay.index or name in replay.ignored or direct(name)
     return lambda name: (name in layout.target_index or name in layout.ignored
                          or name in layout.uninitialized)
 
 
-def _named(source, rename, layout: Layout):
+def _named(source, rename, model, layout: Layout):
     """The source under the model's names: renamed as asked, or, when some of its
     names are unknown to the model, under the common wrapper that explains them all."""
     if rename is not None:
         return Renamed(source, rename), "rename"
-    known = _known_to(layout)
-    leading = layout.targets[0].name if layout.targets else None
+    replay = replay_plan(model, layout)
+    known = _known_to(layout, replay)
+    if replay is not None:
+        leading = next(iter(replay.index), None)
+    else:
+        leading = layout.targets[0].name if layout.targets else None
     if leading is None or leading in source or all(map(known, source)):
         return source, None
     found = detect_wrappers(source, known)
@@ -137,27 +187,38 @@ def reload_layerwise(
         with torch.inference_mode():
             if kind == "stream":
                 layout = layout_of(model)
-                plan = plan_for(layout, batch_bytes)
+                replay = replay_plan(model, layout)
+                plan = plan_for(layout if replay is None else replay.direct, batch_bytes)
                 if bar is not None:
                     bar.total = plan.total_bytes
                 done = consume(plan, source, strict=strict, batch_bytes=batch_bytes,
                                max_held_bytes=max_held_bytes, rename=rename,
-                               detect=_known_to(layout), on_written=on_written)
+                               detect=_known_to(layout, replay), on_written=on_written,
+                               replay=replay, model=model)
                 calls, bytes_read, peak, renamed = (done.batched_copy_calls, done.bytes_read,
                                                     done.peak_held_bytes, done.renamed)
+                replayed, custom_loaded = done.replayed, done.custom_loaded
             else:
                 files = source if kind == "safetensors" else None
                 if files is not None:
                     source = files.views()
-                source, renamed = _named(source, rename, layout_of(model))
+                source, renamed = _named(source, rename, model, layout_of(model))
                 if bar is not None:
                     bar.total = plan_for(layout_of(model), batch_bytes).total_bytes
                 try:
-                    layout, done = _copy(model, source, strict, batch_bytes, on_written)
+                    layout, done, session = _copy(model, source, strict, batch_bytes, on_written)
                 except StaleLayout:
                     forget(model)
-                    layout, done = _copy(model, source, strict, batch_bytes, on_written)
+                    layout, done, session = _copy(model, source, strict, batch_bytes, on_written)
                 calls, peak = done.copies, 0
+                replayed = custom_loaded = ()
+                if session is not None:
+                    done = replace(done, tensors=done.tensors + session.tensors,
+                                   bytes=done.bytes + session.bytes,
+                                   layers=done.layers + len(session.written),
+                                   missing=tuple(session.missing()) + done.missing)
+                    calls += session.calls
+                    replayed, custom_loaded = session.replayed, tuple(session.custom_loaded)
                 # A mapping's tensors are the caller's, already in memory: not counted.
                 bytes_read = files.nbytes if files is not None else None
     finally:
@@ -171,7 +232,8 @@ def reload_layerwise(
     report = ReloadReport(
         layers=done.layers, tensors=done.tensors, bytes=done.bytes, batched_copy_calls=calls,
         seconds=time.perf_counter() - started, skipped=skipped, source=kind,
-        bytes_read=bytes_read, peak_held_bytes=peak, renamed=renamed)
+        bytes_read=bytes_read, peak_held_bytes=peak, renamed=renamed,
+        replayed=replayed, custom_loaded=custom_loaded)
     logger.info("%s", report)
     return report
 

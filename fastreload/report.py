@@ -35,6 +35,10 @@ class ReloadReport:
     # How source names were mapped to the model's: "rename" (given), a detected
     # common wrapper ("stripped wrapper prefixes (module., _orig_mod.)", ...) or None.
     renamed: str | None = None
+    # Modules replayed through their post-load processing (see fastreload.record), and
+    # the checkpoint names loaded by a parameter's own weight_loader (the slow path).
+    replayed: tuple[str, ...] = ()
+    custom_loaded: tuple[str, ...] = ()
 
     @property
     def gbps(self) -> float:

@@ -18,6 +18,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.names import detect_wrappers
 from fastreload.plan import Plan, StaleLayout, pair_problems, same_values
+from fastreload.replay import Replay, ReplayPlan
 
 __all__ = ["StreamResult", "consume"]
 
@@ -33,6 +34,8 @@ class StreamResult:
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     renamed: str | None
+    replayed: tuple[str, ...] = ()
+    custom_loaded: tuple[str, ...] = ()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -41,7 +44,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 class _Consumer:
     def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None,
-                 rename, detect, on_written):
+                 rename, detect, on_written, replay: ReplayPlan | None = None, model=None):
         self.plan = plan
         self.rename = rename
         self.renamed = "rename" if rename is not None else None
@@ -63,13 +66,29 @@ class _Consumer:
         self.written_units: list[int] = []
         self.tensors = self.bytes = self.calls = self.bytes_read = 0
         self.unexpected: list[str] = []
+        # Recorded modules: their checkpoint names go to the replay, which writes them.
+        self.replay = None if replay is None else Replay(
+            replay, model, batch_bytes=batch_bytes, on_written=on_written, fail=self.fail)
 
     def fail(self, **problems) -> ReloadError:
         written = set(self.written_units)
         names = [u.prefix or "<root>" for u in self.layout.units]
-        return ReloadError(**problems,
-                           written_layers=[names[u] for u in self.written_units],
-                           unwritten_layers=[n for u, n in enumerate(names) if u not in written])
+        written_layers = [names[u] for u in self.written_units]
+        unwritten_layers = [n for u, n in enumerate(names) if u not in written]
+        if self.replay is not None:
+            replayed, not_replayed = self.replay.layers()
+            written_layers, unwritten_layers = replayed + written_layers, not_replayed + unwritten_layers
+        return ReloadError(**problems, written_layers=written_layers, unwritten_layers=unwritten_layers)
+
+    def hold(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        held = self.held_bytes + (self.replay.held_bytes if self.replay is not None else 0)
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
+        if self.max_held_bytes is not None and held > self.max_held_bytes:
+            raise self.fail(held_over=(
+                f"holding {held} bytes of tensors for layers not yet written, over "
+                f"max_held_bytes={self.max_held_bytes}: the stream sends layers' tensors too far "
+                "apart for this cap"))
 
     def take(self, name: str, tensor: torch.Tensor) -> None:
         if self.rename is not None:
@@ -85,9 +104,16 @@ class _Consumer:
         self.seen.add(name)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"stream item {name!r}: expected a tensor, got {type(tensor).__name__}")
+        replay = self.replay
+        if replay is not None and name in replay.plan.index:
+            replay.take(name, tensor, flush=False)
+            self.hold(_nbytes(tensor))
+            if replay.ready_bytes >= self.batch_bytes:
+                replay.flush()
+            return
         index = self.layout.target_index.get(name)
         if index is None:
-            if name in self.layout.ignored:
+            if name in self.layout.ignored or (replay is not None and name in replay.plan.ignored):
                 return
             if name in self.layout.uninitialized:
                 raise self.fail(uninitialized=[name])
@@ -96,7 +122,6 @@ class _Consumer:
             self.unexpected.append(name)
             return
         nbytes = _nbytes(tensor)
-        self.bytes_read += nbytes
         if index in self.pending or index in self.written_targets:
             # A tied second name: it must say what the first one said.
             first = self.pending.get(index)
@@ -105,15 +130,11 @@ class _Consumer:
                     dst.shape == tensor.shape and torch.equal(dst, tensor.to(dst.device, dst.dtype)))
             if not same:
                 raise self.fail(conflicts=[name])
+            self.bytes_read += nbytes
             return
         self.pending[index] = tensor
         self.held_bytes += nbytes
-        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
-        if self.max_held_bytes is not None and self.held_bytes > self.max_held_bytes:
-            raise self.fail(held_over=(
-                f"holding {self.held_bytes} bytes of tensors for layers not yet written, over "
-                f"max_held_bytes={self.max_held_bytes}: the stream sends layers' tensors too far "
-                "apart for this cap"))
+        self.hold(nbytes)
         unit = self.plan.unit_of[index]
         self.unit_bytes[unit] += nbytes
         self.remaining[unit] -= 1
@@ -163,24 +184,36 @@ class _Consumer:
         missing = [self.plan.leading[i] for u in incomplete
                    for i in range(self.layout.units[u].start, self.layout.units[u].stop)
                    if i not in self.pending]
+        replay = self.replay
+        if replay is not None:
+            missing = replay.missing() + missing
         if missing and self.strict:
             raise self.fail(missing=missing)  # before the last batch: it stays unwritten
+        if replay is not None:
+            replay.flush()  # complete units; with strict=False, incomplete ones keep their weights
         self.flush()
         partial = sorted(self.pending)  # strict=False: what did arrive of incomplete layers
         if partial:
             self.write(partial)
             self.written_units += incomplete
         layers = len(set(self.written_units))
-        return StreamResult(self.tensors, self.bytes, layers, self.calls, self.bytes_read,
+        if replay is None:
+            return StreamResult(self.tensors, self.bytes, layers, self.calls, self.bytes_read,
+                                self.peak_held_bytes, tuple(missing), tuple(self.unexpected),
+                                self.renamed)
+        return StreamResult(self.tensors + replay.tensors, self.bytes + replay.bytes,
+                            layers + len(replay.written), self.calls + replay.calls, self.bytes_read,
                             self.peak_held_bytes, tuple(missing), tuple(self.unexpected),
-                            self.renamed)
+                            self.renamed, replay.replayed, tuple(replay.custom_loaded))
 
 
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
-            max_held_bytes: int | None, rename=None, detect=None, on_written=None) -> StreamResult:
+            max_held_bytes: int | None, rename=None, detect=None, on_written=None,
+            replay: ReplayPlan | None = None, model=None) -> StreamResult:
     """Reads the stream and writes its layers; `rename` maps names, or `detect` (the
     names the model knows) lets a common wrapper be recognised from the first name."""
-    consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written)
+    consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written,
+                         replay, model)
     iterator = iter(pairs)
     while True:
         try:

@@ -1,0 +1,563 @@
+"""record() and the replay of post-load processing.
+
+Inference models keep their weights the way their kernels want them (transposed,
+quantized with scales, with derived buffers), made from checkpoint-format tensors by
+a per-module ``process_weights_after_loading()``. record() notes, on the freshly
+built model, each processed module's checkpoint-format tensors; a reload then
+replays, unit by unit: fresh checkpoint-format tensors are installed on the module
+(same names, classes, attributes and persistence), the source is loaded into them
+with the fused copy, the processing runs, its results are checked against the live
+kernel tensors and copied into them with the fused copy, and the live objects are put
+back. The live model is written only by that last copy, so a unit is updated whole
+or not at all.
+
+A replayed unit (a Group) is one or more modules: a processed module, or one whose
+parameters carry a ``weight_loader``, together with every module that holds one of
+its checkpoint tensors (tied weights), so that a tied tensor is loaded and processed
+once and every owner sees the result.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+from fastreload.model import Layout, Unit, is_uninitialized, registrations_unseen, same_memory_key, split_entries, walk
+from fastreload.plan import same_values
+
+__all__ = ["Recording", "Replay", "ReplayPlan", "record", "recording_of", "replay_plan"]
+
+Process = Callable[[nn.Module], object]
+METHOD = "process_weights_after_loading"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A checkpoint-format tensor as record() saw it, under every state_dict name
+    that held it (tied names), the first leading."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    cls: type
+    attrs: dict
+    requires_grad: bool
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def loader(self):
+        return self.attrs.get("weight_loader")
+
+    def materialize(self) -> torch.Tensor:
+        """A fresh tensor of this shape, dtype, class and attributes (uninitialized:
+        it is only ever read after the source has been loaded into it)."""
+        t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.cls is not torch.Tensor:
+            t = torch.Tensor._make_subclass(self.cls, t, self.requires_grad)
+        if self.attrs:
+            t.__dict__.update(self.attrs)
+        return t
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of a recorded module: a checkpoint entry (index into the group's
+    entries), or, with entry None, a non-persistent buffer installed as a copy of
+    the live one."""
+
+    key: str
+    is_param: bool
+    persistent: bool
+    entry: int | None
+
+
+@dataclass(frozen=True)
+class RecordedModule:
+    prefix: str
+    slots: tuple[Slot, ...]
+    process: Process | None
+
+
+@dataclass(frozen=True)
+class Group:
+    modules: tuple[RecordedModule, ...]
+    entries: tuple[Entry, ...]
+
+    @property
+    def name(self) -> str:
+        return self.modules[0].prefix or "<root>"
+
+
+@dataclass(frozen=True)
+class Recording:
+    groups: tuple[Group, ...]
+    # Persistent alias buffers of recorded modules: a source may hold them; never loaded.
+    ignored: frozenset[str]
+
+
+_recordings: weakref.WeakKeyDictionary[nn.Module, Recording] = weakref.WeakKeyDictionary()
+
+
+def _call_method(module: nn.Module) -> None:
+    getattr(module, METHOD)()
+
+
+def _processors(model: nn.Module, process) -> dict[str, Process]:
+    found: dict[str, Process] = {}
+    for prefix, module in walk(model):
+        if callable(getattr(module, METHOD, None)):
+            found[prefix[:-1]] = _call_method
+    if process is None:
+        return found
+    if isinstance(process, Mapping):
+        for name, fn in process.items():
+            model.get_submodule(name)  # an unknown name is an AttributeError now, not a surprise later
+            if not callable(fn):
+                raise TypeError(f"process[{name!r}] is not callable")
+            found[name] = fn
+    elif callable(process):
+        for prefix, module in walk(model):
+            fn = process(prefix[:-1], module)
+            if fn is not None:
+                found[prefix[:-1]] = fn
+    else:
+        raise TypeError("process is a mapping of module name -> fn(module), or a callable "
+                        f"(name, module) -> fn(module) or None; got {type(process).__name__}")
+    return found
+
+
+def record(model: nn.Module, process=None) -> Recording:
+    """Records, on a freshly built model whose weights are not processed yet, what a
+    reload must rebuild to replay each module's post-load processing.
+
+    Processed modules are those with a ``process_weights_after_loading()`` method,
+    and those ``process`` names: a mapping of module name -> ``fn(module)``, or a
+    callable ``(name, module) -> fn(module) or None`` asked once per module.
+    Modules whose parameters carry a ``weight_loader(param, tensor)`` attribute are
+    recorded too (loaded through it, without processing).
+
+    For each, its own parameters and persistent buffers as they are now (names,
+    shapes, dtypes, devices, classes, attributes, persistence) are its checkpoint
+    format: what a later reload_layerwise(model, source) expects in the source for
+    this module. Buffers viewing a parameter's storage (aliases) and uninitialized
+    (lazy, meta) tensors are not recorded; a module with nothing else is not replayed.
+    """
+    recording = _record(model, _processors(model, process))
+    _recordings[model] = recording
+    return recording
+
+
+def _record(model: nn.Module, processors: dict[str, Process]) -> Recording:
+    _, live, aliases = split_entries(model)
+    alias_names = {b.name for b in aliases}
+    kept = [e for e in live if e.name not in alias_names]
+    persistent = [e for e in kept if e.persistent]
+    ptrs = ops.storage_ptrs([e.tensor for e in persistent]).tolist()
+    keys = [same_memory_key(e.tensor, p) for e, p in zip(persistent, ptrs)]
+    owned = {e.unit for e in persistent}
+    chosen = {u for u in processors if u in owned}
+    chosen |= {e.unit for e in persistent if e.is_param and "weight_loader" in e.tensor.__dict__}
+
+    # Modules holding one tensor (tied) are replayed together: union-find over keys.
+    parent: dict[str, str] = {}
+
+    def find(u: str) -> str:
+        while parent.setdefault(u, u) != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    first_holder: dict[object, str] = {}
+    for e, key in zip(persistent, keys):
+        other = first_holder.setdefault(key, e.unit)
+        parent[find(e.unit)] = find(other)
+    roots = {find(u) for u in chosen}
+    order = list(dict.fromkeys(e.unit for e in kept))  # walk order
+    members: dict[str, list[str]] = {}
+    for unit in order:
+        if unit in parent and find(unit) in roots:
+            members.setdefault(find(unit), []).append(unit)
+
+    key_of = {e.name: k for e, k in zip(persistent, keys)}
+    groups = []
+    for units in members.values():
+        entries: dict[object, list] = {}  # key -> [names, tensor]
+        position: dict[object, int] = {}
+        modules = []
+        for unit in units:
+            slots = []
+            for e in kept:
+                if e.unit != unit:
+                    continue
+                key = e.name.rpartition(".")[2]
+                if not e.persistent:
+                    slots.append(Slot(key, False, False, None))
+                    continue
+                memory = key_of[e.name]
+                position.setdefault(memory, len(position))
+                entries.setdefault(memory, [[], e.tensor])[0].append(e.name)
+                slots.append(Slot(key, e.is_param, True, position[memory]))
+            modules.append(RecordedModule(unit, tuple(slots), processors.get(unit)))
+        groups.append(Group(tuple(modules), tuple(_entry(names, t) for names, t in entries.values())))
+    recorded = {m.prefix for g in groups for m in g.modules}
+    return Recording(tuple(groups), frozenset(b.name for b in aliases if b.persistent and b.unit in recorded))
+
+
+def _entry(names: list[str], t: torch.Tensor) -> Entry:
+    cls = type(t)
+    return Entry(tuple(names), tuple(t.shape), t.dtype, t.device, cls,
+                 dict(t.__dict__), t.requires_grad if isinstance(t, nn.Parameter) else False)
+
+
+def recording_of(model: nn.Module) -> Recording | None:
+    return _recordings.get(model)
+
+
+def forget_recording(model: nn.Module) -> None:
+    _recordings.pop(model, None)
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """A recording matched to the live model (cached with its layout): the live
+    kernel tensors of each group, the layout left for the direct path, the names."""
+
+    recording: Recording
+    direct: Layout  # the layout without the tensors of replayed modules
+    index: dict[str, tuple[int, int]]  # checkpoint name -> (group, entry)
+    ignored: frozenset[str]
+    # Per group: (module index in the group, key, live kernel tensor), each tensor once.
+    kernels: tuple[tuple[tuple[int, str, torch.Tensor], ...], ...]
+    alias_keys: tuple[tuple[frozenset[str], ...], ...]  # per group, per module: its alias buffers
+    group_bytes: tuple[int, ...]  # checkpoint plus kernel bytes, what a group holds while replayed
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return self.recording.groups
+
+
+def replay_plan(model: nn.Module, layout: Layout) -> ReplayPlan | None:
+    """The model's replay plan, or None when nothing is replayed (record() was not
+    called and no parameter has a weight_loader): the direct path alone."""
+    recording = _recordings.get(model)
+    cached = layout.plans.get("replay")
+    if cached is not None and cached[0] is recording:
+        return cached[1]
+    if recording is None:
+        # Not recorded: the modules whose parameters have a weight_loader, as they are.
+        recording = _record(model, {}) if _has_loaders(layout) else None
+    plan = None if recording is None or not recording.groups else _make(model, layout, recording)
+    layout.plans["replay"] = (_recordings.get(model), plan)
+    return plan
+
+
+def _has_loaders(layout: Layout) -> bool:
+    return any("weight_loader" in t.tensor.__dict__ for t in layout.targets)
+
+
+def _make(model: nn.Module, layout: Layout, recording: Recording) -> ReplayPlan:
+    aliases = set(layout.skipped["alias"])
+    prefixes = {m.prefix for g in recording.groups for m in g.modules}
+    kernels, alias_keys, group_bytes = [], [], []
+    for group in recording.groups:
+        seen_ids: set[int] = set()
+        seen_targets: set[int] = set()
+        found, group_aliases = [], []
+        for m, rec in enumerate(group.modules):
+            try:
+                module = model.get_submodule(rec.prefix)
+            except AttributeError:
+                raise ReloadError(held_over=(
+                    f"module {rec.prefix!r} was recorded by fastreload.record() and is gone: "
+                    "record the model again")) from None
+            base = rec.prefix + "." if rec.prefix else ""
+            group_aliases.append(frozenset(k for k in module._buffers if base + k in aliases))
+            tensors = [(k, t) for k, t in module._parameters.items() if t is not None]
+            tensors += [(k, t) for k, t in module._buffers.items()
+                        if t is not None and base + k not in aliases]
+            for key, t in tensors:
+                target = layout.target_index.get(base + key)
+                if is_uninitialized(t) or id(t) in seen_ids or target in seen_targets:
+                    continue
+                seen_ids.add(id(t))
+                if target is not None:
+                    seen_targets.add(target)
+                found.append((m, key, t))
+        kernels.append(tuple(found))
+        alias_keys.append(tuple(group_aliases))
+        group_bytes.append(sum(e.nbytes for e in group.entries)
+                           + sum(t.numel() * t.element_size() for _, _, t in found))
+    index = {n: (g, e) for g, group in enumerate(recording.groups)
+             for e, entry in enumerate(group.entries) for n in entry.names}
+    return ReplayPlan(recording, _without(layout, prefixes), index, recording.ignored,
+                      tuple(kernels), tuple(alias_keys), tuple(group_bytes))
+
+
+def _without(layout: Layout, prefixes: set[str]) -> Layout:
+    """The layout less every target some name of which a replayed module owns."""
+    targets, units = [], []
+    for unit in layout.units:
+        start = len(targets)
+        targets += [t for t in layout.targets[unit.start:unit.stop]
+                    if not any(n.rpartition(".")[0] in prefixes for n in t.names)]
+        if len(targets) > start:
+            units.append(Unit(unit.prefix, start, len(targets)))
+    return replace(layout, targets=tuple(targets), units=tuple(units),
+                   target_index={n: i for i, t in enumerate(targets) for n in t.names}, plans={})
+
+
+class _Saved:
+    """A module's own state, to be put back exactly: its attributes, the parameter,
+    buffer and submodule dicts (same objects, same contents) and persistence."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.attrs = dict(module.__dict__)
+        self.params = dict(module._parameters)
+        self.buffers = dict(module._buffers)
+        self.modules = dict(module._modules)
+        self.non_persistent = set(module._non_persistent_buffers_set)
+
+    def restore(self) -> None:
+        m = self.module
+        m.__dict__.clear()
+        m.__dict__.update(self.attrs)
+        for live, saved in ((m._parameters, self.params), (m._buffers, self.buffers),
+                            (m._modules, self.modules)):
+            live.clear()
+            live.update(saved)
+        m._non_persistent_buffers_set.clear()
+        m._non_persistent_buffers_set.update(self.non_persistent)
+
+
+def _install(module: nn.Module, rec: RecordedModule, temps: list[torch.Tensor],
+             alias_keys: frozenset[str]) -> _Saved:
+    """Puts the checkpoint-format temporaries in place of the module's tensors (dict
+    writes: no registration hook fires, and everything is put back by restore())."""
+    saved = _Saved(module)
+    params, buffers, non_persistent = {}, {}, set()
+    for slot in rec.slots:
+        if slot.entry is not None:
+            t = temps[slot.entry]
+        else:
+            live = saved.buffers.get(slot.key)
+            if live is None or is_uninitialized(live):
+                continue
+            t = live.clone()  # runtime state the processing may read; the live one stays untouched
+        (params if slot.is_param else buffers)[slot.key] = t
+        if not slot.persistent:
+            non_persistent.add(slot.key)
+    for key in alias_keys:  # views of parameters: left as they are, never copied
+        buffers.setdefault(key, saved.buffers[key])
+        if key in saved.non_persistent:
+            non_persistent.add(key)
+    for key, p in saved.params.items():
+        if p is not None and is_uninitialized(p):
+            params.setdefault(key, p)
+    module._parameters.clear()
+    module._parameters.update(params)
+    module._buffers.clear()
+    module._buffers.update(buffers)
+    module._non_persistent_buffers_set.clear()
+    module._non_persistent_buffers_set.update(non_persistent)
+    return saved
+
+
+def _check_result(new, live: torch.Tensor) -> str | None:
+    if new is None:
+        return "processing did not produce it (the live model holds it)"
+    if not isinstance(new, torch.Tensor):
+        return f"processing left a {type(new).__name__}, not a tensor"
+    if new.shape != live.shape:
+        return f"processing produced shape {tuple(new.shape)}, the live tensor has {tuple(live.shape)}"
+    if new.dtype != live.dtype:
+        return f"processing produced {new.dtype}, the live tensor is {live.dtype}"
+    if new.device != live.device:
+        return f"processing produced it on {new.device}, the live tensor is on {live.device}"
+    return None
+
+
+def _source_problem(entry: Entry, tensor: torch.Tensor) -> str | None:
+    if entry.loader is not None:
+        return None  # its weight_loader decides what it takes (a shard of it, say)
+    if tuple(tensor.shape) != entry.shape:
+        return (f"shape mismatch: the checkpoint format recorded is {entry.shape}, "
+                f"the source {tuple(tensor.shape)}")
+    if tensor.dtype != entry.dtype and not (tensor.is_floating_point() and entry.dtype.is_floating_point):
+        return (f"dtype mismatch: cannot convert the source's {tensor.dtype} into the "
+                f"recorded {entry.dtype}")
+    if tensor.device != entry.device and tensor.device.type != "cpu":
+        return f"device mismatch: the source on {tensor.device} cannot be copied to {entry.device}"
+    return None
+
+
+class Replay:
+    """One reload's replay: takes the source's checkpoint tensors by name, tracks
+    each group's completion by name, and replays complete groups in batches of about
+    batch_bytes (checkpoint plus kernel bytes). fail(**problems) makes the error
+    (the caller adds where the reload stopped)."""
+
+    def __init__(self, plan: ReplayPlan, model: nn.Module, *, batch_bytes: int, on_written,
+                 fail: Callable[..., ReloadError]) -> None:
+        self.plan = plan
+        self.model = model
+        self.batch_bytes = batch_bytes
+        self.on_written = on_written
+        self.fail = fail
+        groups = plan.groups
+        self.values: list[dict[int, torch.Tensor]] = [{} for _ in groups]
+        self.remaining = [len(g.entries) for g in groups]
+        self.ready: list[int] = []
+        self.ready_bytes = 0
+        self.written: list[int] = []
+        self.held_bytes = 0
+        self.tensors = self.bytes = self.calls = 0
+        self.custom_loaded: list[str] = []
+
+    # -- names
+
+    def take(self, name: str, tensor: torch.Tensor, *, flush: bool = True) -> None:
+        """A checkpoint tensor arrived (name in plan.index; a repeated name is the
+        caller's to refuse). Raises fail(...) for a tensor that does not fit."""
+        g, e = self.plan.index[name]
+        entry = self.plan.groups[g].entries[e]
+        first = self.values[g].get(e)
+        if first is not None:  # a tied second name: it must say what the first one said
+            if not same_values(first, tensor):
+                raise self.fail(conflicts=[name])
+            return
+        problem = _source_problem(entry, tensor)
+        if problem is not None:
+            raise self.fail(mismatched={name: problem})
+        self.values[g][e] = tensor
+        self.held_bytes += tensor.numel() * tensor.element_size()
+        self.remaining[g] -= 1
+        if self.remaining[g] == 0:
+            self.ready.append(g)
+            self.ready_bytes += self.plan.group_bytes[g]
+            if flush and self.ready_bytes >= self.batch_bytes:
+                self.flush()
+
+    def check_mapping(self, source: Mapping[str, torch.Tensor]) -> dict:
+        """Takes every checkpoint name of a mapping, writing nothing; returns the
+        problems found, by ReloadError field (missing: leading names never given)."""
+        mismatched, conflicts = {}, []
+        for name in self.plan.index:
+            tensor = source.get(name)
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"source values must be tensors; not so for {[name]}")
+            try:
+                self.take(name, tensor, flush=False)
+            except ReloadError as error:
+                mismatched.update(error.mismatched)
+                conflicts += error.conflicts
+        return {"missing": self.missing(), "mismatched": mismatched, "conflicts": conflicts}
+
+    def missing(self) -> list[str]:
+        return [entry.name for g, group in enumerate(self.plan.groups) if self.remaining[g]
+                for e, entry in enumerate(group.entries) if e not in self.values[g]]
+
+    def layers(self) -> tuple[list[str], list[str]]:
+        """(written, not written) group names."""
+        done = set(self.written)
+        names = [g.name for g in self.plan.groups]
+        return [names[g] for g in self.written], [n for g, n in enumerate(names) if g not in done]
+
+    # -- writing
+
+    def flush(self) -> None:
+        """Replays every complete group not yet written, in batches of about batch_bytes."""
+        batch, held = [], 0
+        for g in self.ready:
+            if batch and held + self.plan.group_bytes[g] > self.batch_bytes:
+                self._replay(batch)
+                batch, held = [], 0
+            batch.append(g)
+            held += self.plan.group_bytes[g]
+        if batch:
+            self._replay(batch)
+        self.ready, self.ready_bytes = [], 0
+
+    def _replay(self, gs: list[int]) -> None:
+        plan, groups = self.plan, self.plan.groups
+        temps = {g: [entry.materialize() for entry in groups[g].entries] for g in gs}
+        modules = {g: [self.model.get_submodule(m.prefix) for m in groups[g].modules] for g in gs}
+        dsts, srcs, loaded = [], [], []
+        for g in gs:
+            for e, entry in enumerate(groups[g].entries):
+                if entry.loader is None:
+                    dsts.append(temps[g][e])
+                    srcs.append(self.values[g][e])
+                else:
+                    loaded.append((g, e))
+        live, results, problems = [], [], {}
+        saved: list[_Saved] = []
+        try:
+            with registrations_unseen():
+                for g in gs:
+                    for m, rec in enumerate(groups[g].modules):
+                        saved.append(_install(modules[g][m], rec, temps[g], plan.alias_keys[g][m]))
+                ops.batched_copy_(dsts, srcs)  # into the temporaries: the live model untouched
+                for g, e in loaded:
+                    entry = groups[g].entries[e]
+                    entry.loader(temps[g][e], self.values[g][e])
+                    self.custom_loaded.append(entry.name)
+                for g in gs:
+                    for m, rec in enumerate(groups[g].modules):
+                        if rec.process is not None:
+                            try:
+                                rec.process(modules[g][m])
+                            except Exception as error:
+                                problems[rec.prefix or "<root>"] = f"processing raised {error!r}"
+                    for m, key, kernel in plan.kernels[g]:
+                        module = modules[g][m]
+                        new = module._parameters.get(key, module._buffers.get(key))
+                        prefix = groups[g].modules[m].prefix
+                        why = _check_result(new, kernel)
+                        if why is not None:
+                            problems[f"{prefix}.{key}" if prefix else key] = why
+                        elif new is not kernel:
+                            live.append(kernel)
+                            results.append(new)
+        finally:
+            for s in saved:
+                s.restore()
+        if problems:
+            raise self.fail(processed=problems)
+        try:
+            ops.batched_copy_(live, results)
+        except RuntimeError as error:
+            raise self.fail(processed={groups[g].name: f"its results could not be copied: {error}"
+                                       for g in gs}) from None
+        self.calls += 1 + bool(dsts)
+        self.tensors += sum(len(groups[g].entries) for g in gs)
+        written = sum(t.numel() * t.element_size() for t in live)
+        self.bytes += written
+        for g in gs:
+            self.held_bytes -= sum(t.numel() * t.element_size() for t in self.values[g].values())
+            self.values[g] = {}
+        self.written += gs
+        if self.on_written is not None:
+            self.on_written(written)
+
+    @property
+    def replayed(self) -> tuple[str, ...]:
+        return tuple(m.prefix for g in self.written for m in self.plan.groups[g].modules
+                     if m.process is not None)

@@ -17,7 +17,7 @@ JOBS ?= $(shell nproc)
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install "setuptools>=64" wheel ninja "pytest>=8" "hypothesis>=6" numpy safetensors tqdm
+	$(PY) -m pip install "setuptools>=64" wheel ninja "pytest>=8" "hypothesis>=6" numpy safetensors tqdm matplotlib
 	touch $@
 
 install: $(VENV)/.ready

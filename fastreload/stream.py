@@ -36,6 +36,7 @@ class StreamResult:
     renamed: str | None
     replayed: tuple[str, ...] = ()
     custom_loaded: tuple[str, ...] = ()
+    regions: int = 0
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -61,7 +61,9 @@ def test_dict_rename_maps_full_names_to_targets():
     assert torch.equal(model.qkv_proj.weight, fused(state))
 
 
-def test_copies_go_through_batched_copy(monkeypatch):
+@pytest.fixture
+def copies(monkeypatch) -> list[int]:
+    """The number of pairs of each batched_copy_ call; a Python copy_ fails the test."""
     calls = []
     real = fastreload.ops.batched_copy_
 
@@ -71,8 +73,12 @@ def test_copies_go_through_batched_copy(monkeypatch):
 
     monkeypatch.setattr(fastreload.ops, "batched_copy_", spy)
     monkeypatch.setattr(torch.Tensor, "copy_", lambda *a, **k: pytest.fail("a Python copy_"))
+    return calls
+
+
+def test_copies_go_through_batched_copy(copies):
     reload_layerwise(Attention(), checkpoint(), rename=fused_rename)
-    assert calls == [5]  # three regions and the two tensors of o_proj
+    assert copies == [5]  # three regions and the two tensors of o_proj
 
 
 def test_two_rank_tensor_parallel_shards():
@@ -233,3 +239,65 @@ def test_regions_beside_a_replayed_unit():
     assert torch.equal(model.qkv_proj.weight, fused(state))
     assert torch.equal(model.p.weight, state["p.weight"].t())
     assert report.replayed == ("p",) and report.regions == 3
+
+
+def stream(state, order=None):
+    return iter([(name, state[name]) for name in (order or state)])
+
+
+def test_stream_completes_a_layer_when_its_regions_arrived(copies):
+    model, state = Attention(), checkpoint()
+    order = ["q_proj.weight", "o_proj.weight", "v_proj.weight", "o_proj.bias", "k_proj.weight"]
+    report = reload_layerwise(model, stream(state, order), rename=fused_rename, batch_bytes=1)
+    assert torch.equal(model.qkv_proj.weight, fused(state))
+    assert torch.equal(model.o_proj.bias, state["o_proj.bias"])
+    assert copies == [2, 3]  # o_proj complete first, then the three regions of qkv_proj
+    assert (report.regions, report.source, report.peak_held_bytes > 0) == (3, "stream", True)
+
+
+def test_stream_two_rank_shard():
+    full = torch.randn(2 * (Q + K + V), HIDDEN)
+    model = Attention()
+    rename = lambda n: Target(n, shard=(1, 2)) if n == "qkv_proj.weight" else n  # noqa: E731
+    items = [("qkv_proj.weight", full), ("o_proj.weight", torch.ones(HIDDEN, HIDDEN)),
+             ("o_proj.bias", torch.ones(HIDDEN))]
+    reload_layerwise(model, iter(items), rename=rename)
+    assert torch.equal(model.qkv_proj.weight, full[Q + K + V:])
+
+
+def test_stream_uncovered_destination():
+    state = checkpoint()
+    del state["k_proj.weight"]
+    error = refused(Attention(), stream(state), fused_rename)
+    assert "[8:12]" in error.regions["qkv_proj.weight"] and "qkv_proj.weight" in error.missing
+    model = Attention()
+    old = model.qkv_proj.weight.clone()
+    report = reload_layerwise(model, stream(state), rename=fused_rename, strict=False)
+    assert torch.equal(model.qkv_proj.weight, old)
+    assert report.skipped["missing"] == ("qkv_proj.weight",)
+    assert torch.equal(model.o_proj.weight, state["o_proj.weight"])
+
+
+def test_stream_overlap_duplicate_and_whole_refused():
+    state = checkpoint()
+    rename = {"q_proj.weight": Target("qkv_proj.weight", start=0),
+              "k_proj.weight": Target("qkv_proj.weight", start=Q - 1)}
+    error = refused(Attention(), stream(state), rename)
+    assert "overlap" in error.regions["qkv_proj.weight <- k_proj.weight"]
+
+    items = [("k_proj.weight", state["k_proj.weight"])] * 2
+    error = refused(Attention(), iter(items), fused_rename)
+    assert error.duplicates == ("qkv_proj.weight[8:12] (dim 0)",)
+
+    items = [("q_proj.weight", state["q_proj.weight"]), ("qkv_proj.weight", fused(state))]
+    error = refused(Attention(), iter(items), fused_rename)
+    assert "both whole and in regions" in error.regions["qkv_proj.weight"]
+
+
+def test_stream_region_of_a_replayed_unit_refused():
+    model = nn.Module()
+    model.qkv_proj = Processed(HIDDEN, Q + K + V, bias=False)
+    fastreload.record(model)
+    model.qkv_proj.process_weights_after_loading()
+    error = refused(model, stream(checkpoint()), fused_rename)
+    assert "replayed" in error.regions["qkv_proj.weight"]

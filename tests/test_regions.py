@@ -301,3 +301,13 @@ def test_stream_region_of_a_replayed_unit_refused():
     model.qkv_proj.process_weights_after_loading()
     error = refused(model, stream(checkpoint()), fused_rename)
     assert "replayed" in error.regions["qkv_proj.weight"]
+
+
+def test_region_aimed_at_an_alias_buffer_is_ignored():
+    model = Attention()
+    model.qkv_proj.register_buffer("view", model.qkv_proj.weight.data[:2])  # an alias
+    state = checkpoint()
+    state["x"] = torch.randn(2, HIDDEN)
+    rename = lambda n: Target("qkv_proj.view", start=0) if n == "x" else fused_rename(n)  # noqa: E731
+    reload_layerwise(model, state, rename=rename)
+    assert torch.equal(model.qkv_proj.weight, fused(state))

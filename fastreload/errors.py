@@ -27,7 +27,10 @@ class ReloadError(RuntimeError):
     (tied names with different values), overlapping (model tensors that share
     bytes without being the same tensor), duplicates (names a stream sent twice) and
     processed (kernel tensors of a replayed unit, by name -> what its processing did
-    wrong: failed, left one unproduced, produced another shape or dtype).
+    wrong: failed, left one unproduced, produced another shape or dtype) and regions
+    (fused and sharded targets, by destination or "destination <- source" name ->
+    why: out of bounds, another shape than the source, overlapping, not covering
+    the destination, a shard count that does not divide the size).
     For a stream, written_layers and unwritten_layers say where it stopped; they are
     empty when nothing was written.
     """
@@ -43,6 +46,7 @@ class ReloadError(RuntimeError):
         overlapping: Iterable[str] = (),
         duplicates: Iterable[str] = (),
         processed: Mapping[str, str] | None = None,
+        regions: Mapping[str, str] | None = None,
         held_over: str = "",
         written_layers: Iterable[str] = (),
         unwritten_layers: Iterable[str] = (),
@@ -55,6 +59,7 @@ class ReloadError(RuntimeError):
         self.overlapping = tuple(overlapping)
         self.duplicates = tuple(duplicates)
         self.processed = dict(processed or {})
+        self.regions = dict(regions or {})
         self.written_layers = tuple(written_layers)
         self.unwritten_layers = tuple(unwritten_layers)
         lines = []
@@ -80,6 +85,8 @@ class ReloadError(RuntimeError):
             lines.append(f"arrived twice in one reload: {_names(self.duplicates)}")
         for name, why in list(self.processed.items())[:_SHOWN]:
             lines.append(f"{name!r}: after processing: {why}")
+        for name, why in list(self.regions.items())[:_SHOWN]:
+            lines.append(f"{name!r}: {why}")
         if held_over:
             lines.append(held_over)
         if self.written_layers:

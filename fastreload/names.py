@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from fastreload.regions import Target
+
 __all__ = ["Renamed", "detect_wrappers", "renamer"]
 
-Rename = Callable[[str], str] | Mapping[str, str]
+Rename = Callable[[str], "str | Target"] | Mapping[str, "str | Target"]
 
 # Prefixes that wrap a whole model and say nothing about its layout.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -18,13 +20,19 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def renamer(rename: Rename | None) -> Callable[[str], str] | None:
     """A callable as it is; a dict of prefix replacements ({"module.": "", "": "model."})
-    as a function applying the longest matching prefix."""
+    as a function applying the longest matching prefix, where a Target value is for
+    the one source name of its key (fused and sharded targets, see regions.py)."""
     if rename is None or callable(rename):
         return rename
     if isinstance(rename, Mapping):
-        prefixes = sorted(rename.items(), key=lambda item: len(item[0]), reverse=True)
+        targets = {k: v for k, v in rename.items() if isinstance(v, Target)}
+        prefixes = sorted(((k, v) for k, v in rename.items() if k not in targets),
+                          key=lambda item: len(item[0]), reverse=True)
 
-        def replace_prefix(name: str) -> str:
+        def replace_prefix(name: str) -> str | Target:
+            target = targets.get(name)
+            if target is not None:
+                return target
             for old, new in prefixes:
                 if name.startswith(old):
                     return new + name[len(old):]
@@ -61,14 +69,22 @@ def detect_wrappers(names, known: Callable[[str], bool]) -> tuple[str, Callable[
 
 
 class Renamed(Mapping[str, torch.Tensor]):
-    """A source mapping seen under new names. Two names renamed to one is an error."""
+    """A source mapping seen under new names. Two names renamed to one is an error.
+    Names renamed to a region Target are left out of the mapping, in `regions` as
+    (target, source name) pairs."""
 
-    def __init__(self, source: Mapping[str, torch.Tensor], rename: Callable[[str], str]) -> None:
+    def __init__(self, source: Mapping[str, torch.Tensor], rename: Callable[[str], str | Target]) -> None:
         self._source = source
         self._original: dict[str, str] = {}
+        self.regions: list[tuple[Target, str]] = []
         clashes = []
         for name in source:
             new = rename(name)
+            if isinstance(new, Target):
+                if not new.is_plain:
+                    self.regions.append((new, name))
+                    continue
+                new = new.name
             if new in self._original:
                 clashes.append(f"{self._original[new]!r} and {name!r} both become {new!r}")
             self._original[new] = name
@@ -77,6 +93,10 @@ class Renamed(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._source[self._original[name]]
+
+    def original(self, name: str) -> torch.Tensor:
+        """The source tensor under its own name."""
+        return self._source[name]
 
     def __iter__(self):
         return iter(self._original)

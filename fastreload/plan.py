@@ -17,8 +17,10 @@ import torch
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout
+from fastreload.regions import Pieces, RegionProblem, region_views
 
-__all__ = ["Plan", "StaleLayout", "Work", "check_pairs", "plan_for", "raise_not_tensors", "resolve"]
+__all__ = ["Plan", "Regions", "StaleLayout", "Work", "assemble_regions", "check_pairs", "plan_for",
+           "raise_not_tensors", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Work:
     layers: int
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
+    regions: int = 0  # region writes (fused and sharded targets) among the pairs
 
     @property
     def copies(self) -> int:
@@ -95,11 +98,53 @@ def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
                 fetch, dsts, unit_of, bound)
 
 
-def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> Work:
+@dataclass
+class Regions:
+    """Region targets of one reload, matched to the layout: the regions of each
+    destination (target index) and what was wrong with the others."""
+
+    pieces: dict[int, Pieces]
+    problems: dict[str, str]  # destination (or source) name -> why its regions are refused
+    duplicates: list[str]
+    unexpected: list[str]
+    uninitialized: list[str]
+
+
+def assemble_regions(layout: Layout, regions, get) -> Regions:
+    """regions: (Target, source name) pairs; get(source name) -> the tensor. Checks
+    every region (bounds, shapes, overlaps) and groups them by destination."""
+    found = Regions({}, {}, [], [], [])
+    for target, name in regions:
+        tensor = get(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise_not_tensors([name])
+        index = layout.target_index.get(target.name)
+        if index is None:
+            if target.name in layout.uninitialized:
+                found.uninitialized.append(target.name)
+            elif target.name not in layout.ignored:
+                found.unexpected.append(target.name)
+            continue
+        dst = layout.targets[index].tensor
+        pieces = found.pieces.setdefault(index, Pieces(layout.targets[index].name, 0))
+        try:
+            dv, sv, covered, label = region_views(target, dst, tensor)
+            pieces.add(dv, sv, covered, label, tensor, dst)
+        except RegionProblem as problem:
+            found.problems[f"{target.name} <- {name}"] = str(problem)
+        except KeyError as repeated:
+            found.duplicates.append(repeated.args[0])
+    return found
+
+
+def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
+            regions: Regions | None = None) -> Work:
     """Pairs every target with its source tensor and checks the names: raises
     ReloadError for missing (when strict), unexpected (when strict), uninitialized
     or conflicting tied names, listing with them every pair problem. Pair problems
-    alone are found by check_pairs, or by batched_copy_ itself. Writes nothing."""
+    alone are found by check_pairs, or by batched_copy_ itself. Writes nothing.
+    regions: the destinations written in regions (a destination whose regions do not
+    cover it is missing; with strict, an error saying which rows)."""
     layout = plan.layout
     try:
         fetched = plan.fetch_leading(source) if plan.leading else ()
@@ -107,7 +152,7 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
         fetched = None
     # The common case, a source holding exactly the leading names (that the values
     # are tensors, the bound copy checks as it reads them).
-    if fetched is not None and len(source) == len(plan.leading):
+    if fetched is not None and len(source) == len(plan.leading) and regions is None:
         return Work(plan, plan.dsts, fetched, plan.leading, None, len(fetched), plan.total_bytes,
                     len(layout.units))
 
@@ -132,31 +177,67 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool) -> 
             uninitialized.append(name)
         elif name not in layout.ignored:
             unexpected.append(name)
+    region_problems: dict[str, str] = {}
+    duplicates: list[str] = []
+    if regions is not None:
+        region_problems.update(regions.problems)
+        duplicates += regions.duplicates
+        unexpected += regions.unexpected
+        uninitialized += regions.uninitialized
+        for index, pieces in regions.pieces.items():
+            if values[index] is not None:
+                region_problems[pieces.name] = "given both whole and in regions"
+            elif pieces.complete:
+                values[index] = pieces
+            elif strict:
+                region_problems[pieces.name] = pieces.uncovered()
     missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
     not_tensors += [plan.leading[i] for i, v in enumerate(values)
-                    if v is not None and not isinstance(v, torch.Tensor)]
+                    if v is not None and not isinstance(v, (torch.Tensor, Pieces))]
     if not_tensors:
         raise_not_tensors(not_tensors)
 
     present = range(len(values)) if not missing else [i for i, v in enumerate(values) if v is not None]
-    dsts = [plan.dsts[i] for i in present] if missing else list(plan.dsts)
-    srcs = [values[i] for i in present] if missing else values
-    names = [plan.leading[i] for i in present] if missing else plan.leading
+    if regions is None:
+        dsts = [plan.dsts[i] for i in present] if missing else list(plan.dsts)
+        srcs = [values[i] for i in present] if missing else values
+        names = [plan.leading[i] for i in present] if missing else plan.leading
+    else:
+        dsts, srcs, names = _expand(plan, values, present)
 
-    if uninitialized or conflicts or (strict and (missing or unexpected)):
+    if (uninitialized or conflicts or region_problems or duplicates
+            or (strict and (missing or unexpected))):
         raise ReloadError(
             missing=missing if strict else (),
             unexpected=unexpected if strict else (),
             mismatched=pair_problems(dsts, srcs, names),
-            uninitialized=uninitialized, conflicts=conflicts)
+            uninitialized=uninitialized, conflicts=conflicts, regions=region_problems,
+            duplicates=duplicates)
 
-    if not missing:
+    if not missing and regions is None:
         return Work(plan, dsts, srcs, names, None, len(srcs), plan.total_bytes,
                     len(layout.units), (), tuple(unexpected))
     batches, layers = _batches_of_present(plan, values)
     nbytes = sum(plan.sizes[i] for i in present)
+    written_regions = sum(len(v.dsts) for v in values if isinstance(v, Pieces))
     return Work(plan, dsts, srcs, names, batches, len(present), nbytes, layers,
-                tuple(missing), tuple(unexpected))
+                tuple(missing), tuple(unexpected), written_regions)
+
+
+def _expand(plan: Plan, values: list, indices) -> tuple[list, list, list]:
+    """(dsts, srcs, names) of the targets at indices, a region target as its regions."""
+    dsts, srcs, names = [], [], []
+    for i in indices:
+        value = values[i]
+        if isinstance(value, Pieces):
+            dsts += value.dsts
+            srcs += value.srcs
+            names += [label for _, _, _, label in value.spans]
+        else:
+            dsts.append(plan.dsts[i])
+            srcs.append(value)
+            names.append(plan.leading[i])
+    return dsts, srcs, names
 
 
 def raise_not_tensors(names) -> None:
@@ -207,9 +288,9 @@ def _batches_of_present(plan: Plan, values: list) -> tuple[tuple, int]:
     batches = []
     layers = 0
     for a, b in plan.batches:
-        pairs = [(plan.dsts[i], values[i]) for i in range(a, b) if values[i] is not None]
-        if pairs:
-            batches.append(([d for d, _ in pairs], [s for _, s in pairs]))
+        dsts, srcs, _ = _expand(plan, values, [i for i in range(a, b) if values[i] is not None])
+        if dsts:
+            batches.append((dsts, srcs))
     for unit in plan.layout.units:
         layers += any(values[i] is not None for i in range(unit.start, unit.stop))
     return tuple(batches), layers

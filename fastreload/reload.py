@@ -15,7 +15,9 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
 from fastreload.names import Renamed, detect_wrappers, renamer
-from fastreload.plan import StaleLayout, Work, check_pairs, plan_for, raise_not_tensors, resolve
+from fastreload.plan import (StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
+                             resolve)
+from fastreload.regions import Target
 from fastreload.replay import Replay, ReplayPlan, replay_plan
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
@@ -38,10 +40,24 @@ def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work,
     replay = replay_plan(model, layout)
     if replay is None:
         plan = plan_for(layout, batch_bytes)
-        work = resolve(plan, source, strict=strict)
+        work = resolve(plan, source, strict=strict, regions=_regions(plan.layout, source))
         _write(plan, work, on_written)
         return layout, work, None
     return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, on_written)
+
+
+def _regions(layout: Layout, source, replay: ReplayPlan | None = None):
+    """The region targets a rename gave, checked against the layout; None if none."""
+    regions = getattr(source, "regions", None)
+    if not regions:
+        return None
+    if replay is not None:
+        refused = [t.name for t, _ in regions if t.name in replay.index]
+        if refused:
+            raise ReloadError(regions={name: (
+                "a region of a recorded (replayed) module's checkpoint tensor: not supported; "
+                "assemble the full checkpoint tensor before the reload") for name in refused})
+    return assemble_regions(layout, regions, source.original)
 
 
 def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, on_written):
@@ -61,15 +77,17 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, on_wr
         found["missing"] = []
     index, ignored = replay.index, replay.ignored
     direct = {k: v for k, v in source.items() if k not in index and k not in ignored}
+    regions = _regions(plan.layout, source, replay)
     try:
-        work = resolve(plan, direct, strict=strict)
+        work = resolve(plan, direct, strict=strict, regions=regions)
         if work.dsts:
             check_pairs(work)  # the replayed units are written first: nothing after them may fail
     except ReloadError as error:
         raise ReloadError(
             missing=list(error.missing) + found["missing"], unexpected=error.unexpected,
             mismatched={**error.mismatched, **found["mismatched"]}, uninitialized=error.uninitialized,
-            conflicts=list(error.conflicts) + found["conflicts"], overlapping=error.overlapping) from None
+            conflicts=list(error.conflicts) + found["conflicts"], overlapping=error.overlapping,
+            duplicates=error.duplicates, regions=error.regions) from None
     if any(found.values()):
         raise ReloadError(**found)
     session.flush()
@@ -138,7 +156,7 @@ def reload_layerwise(
     strict: bool = True,
     batch_bytes: int | None = None,
     max_held_bytes: int | None = None,
-    rename: Callable[[str], str] | Mapping[str, str] | None = None,
+    rename: Callable[[str], str | Target] | Mapping[str, str | Target] | None = None,
     progress: bool = False,
 ) -> ReloadReport:
     """Writes new weights into the model's existing tensors, in place.
@@ -159,7 +177,10 @@ def reload_layerwise(
     ``rename`` maps source names to model names: a callable, or a dict of prefix
     replacements (``{"module.": ""}``, ``{"": "model."}``). Without it, names wrapped
     by ``module.`` or ``_orig_mod.``, or missing or carrying an extra ``model.``, are
-    recognised and mapped. ``max_held_bytes`` caps what a stream may hold for layers
+    recognised and mapped. A rename may also return (or the dict map a full source
+    name to) a ``fastreload.Target``: the source tensor, or its tensor-parallel
+    shard, goes into a region of a model tensor (fused projections); a destination
+    is written once its regions cover it exactly. ``max_held_bytes`` caps what a stream may hold for layers
     not yet written. ``progress=True`` shows a progress bar over bytes (tqdm).
 
     Left alone, and reported: buffers that view a parameter's storage (written
@@ -233,7 +254,7 @@ def reload_layerwise(
         layers=done.layers, tensors=done.tensors, bytes=done.bytes, batched_copy_calls=calls,
         seconds=time.perf_counter() - started, skipped=skipped, source=kind,
         bytes_read=bytes_read, peak_held_bytes=peak, renamed=renamed,
-        replayed=replayed, custom_loaded=custom_loaded)
+        replayed=replayed, custom_loaded=custom_loaded, regions=done.regions)
     logger.info("%s", report)
     return report
 

@@ -39,6 +39,9 @@ class ReloadReport:
     # the checkpoint names loaded by a parameter's own weight_loader (the slow path).
     replayed: tuple[str, ...] = ()
     custom_loaded: tuple[str, ...] = ()
+    # Region writes of fused and sharded targets (see fastreload.Target), among tensors'
+    # destinations: a destination written in three regions counts one tensor, three regions.
+    regions: int = 0
 
     @property
     def gbps(self) -> float:

@@ -1,6 +1,7 @@
 """A reload from a stream of (name, tensor) pairs, in any order, read once.
 
-A layer is complete when every tensor it expects has arrived (tracked by name);
+A layer is complete when every tensor it expects has arrived (tracked by name; a
+destination written in regions, when its regions cover it);
 completed layers are coalesced into fused copies of up to batch_bytes, each
 checked whole by batched_copy_ before it writes anything. Only incoming tensors of layers not yet written are
 held, and their bytes are counted against an optional cap. An error names the
@@ -18,6 +19,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.names import detect_wrappers
 from fastreload.plan import Plan, StaleLayout, pair_problems, same_values
+from fastreload.regions import Pieces, RegionProblem, Target, region_views
 from fastreload.replay import Replay, ReplayPlan
 
 __all__ = ["StreamResult", "consume"]
@@ -36,6 +38,7 @@ class StreamResult:
     renamed: str | None
     replayed: tuple[str, ...] = ()
     custom_loaded: tuple[str, ...] = ()
+    regions: int = 0
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -64,7 +67,8 @@ class _Consumer:
         self.ready: list[int] = []  # complete layers waiting for the next fused copy
         self.ready_bytes = 0
         self.written_units: list[int] = []
-        self.tensors = self.bytes = self.calls = self.bytes_read = 0
+        self.tensors = self.bytes = self.calls = self.bytes_read = self.regions = 0
+        self.pieces: dict[int, Pieces] = {}  # regions of destinations received so far
         self.unexpected: list[str] = []
         # Recorded modules: their checkpoint names go to the replay, which writes them.
         self.replay = None if replay is None else Replay(
@@ -92,7 +96,11 @@ class _Consumer:
 
     def take(self, name: str, tensor: torch.Tensor) -> None:
         if self.rename is not None:
-            name = self.rename(name)
+            source_name, name = name, self.rename(name)
+            if isinstance(name, Target):
+                if not name.is_plain:
+                    return self.take_region(source_name, name, tensor)
+                name = name.name
         elif self.detect is not None and not self.seen and not self.detect(name):
             # The first name is unknown: a common wrapper may explain it (and the rest).
             found = detect_wrappers([name], self.detect)
@@ -113,14 +121,10 @@ class _Consumer:
             return
         index = self.layout.target_index.get(name)
         if index is None:
-            if name in self.layout.ignored or (replay is not None and name in replay.plan.ignored):
-                return
-            if name in self.layout.uninitialized:
-                raise self.fail(uninitialized=[name])
-            if self.strict:
-                raise self.fail(unexpected=[name])
-            self.unexpected.append(name)
+            self.unknown(name)
             return
+        if index in self.pieces:
+            raise self.fail(regions={name: "given both whole and in regions"})
         nbytes = _nbytes(tensor)
         if index in self.pending or index in self.written_targets:
             # A tied second name: it must say what the first one said.
@@ -135,6 +139,52 @@ class _Consumer:
         self.pending[index] = tensor
         self.held_bytes += nbytes
         self.hold(nbytes)
+        self.arrived(index, nbytes)
+
+    def unknown(self, name: str) -> None:
+        """A name that is no target: ignored (an alias), or refused, or reported."""
+        replay = self.replay
+        if name in self.layout.ignored or (replay is not None and name in replay.plan.ignored):
+            return
+        if name in self.layout.uninitialized:
+            raise self.fail(uninitialized=[name])
+        if self.strict:
+            raise self.fail(unexpected=[name])
+        self.unexpected.append(name)
+
+    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor) -> None:
+        """A source tensor for a region of a destination; the destination arrives
+        when its regions cover it."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"stream item {source_name!r}: expected a tensor, got {type(tensor).__name__}")
+        name = target.name
+        if self.replay is not None and name in self.replay.plan.index:
+            raise self.fail(regions={name: (
+                "a region of a recorded (replayed) module's checkpoint tensor: not supported; "
+                "assemble the full checkpoint tensor before the reload")})
+        index = self.layout.target_index.get(name)
+        if index is None:
+            self.unknown(name)
+            return
+        whole = self.pending.get(index)
+        if index in self.written_targets or (whole is not None and not isinstance(whole, Pieces)):
+            raise self.fail(regions={name: "given both whole and in regions"})
+        pieces = self.pieces.setdefault(index, Pieces(self.layout.targets[index].name, 0))
+        try:
+            dv, sv, covered, label = region_views(target, self.plan.dsts[index], tensor)
+            pieces.add(dv, sv, covered, label, tensor, self.plan.dsts[index])
+        except RegionProblem as problem:
+            raise self.fail(regions={f"{name} <- {source_name}": str(problem)}) from None
+        except KeyError as repeated:
+            raise self.fail(duplicates=[repeated.args[0]]) from None
+        nbytes = _nbytes(tensor)
+        self.held_bytes += nbytes
+        self.hold(nbytes)
+        if pieces.complete:
+            self.pending[index] = pieces
+            self.arrived(index, pieces.held_bytes)
+
+    def arrived(self, index: int, nbytes: int) -> None:
         unit = self.plan.unit_of[index]
         self.unit_bytes[unit] += nbytes
         self.remaining[unit] -= 1
@@ -155,16 +205,28 @@ class _Consumer:
     def write(self, indices: list[int]) -> None:
         """One fused copy; batched_copy_ checks every pair first and refuses the batch
         whole, so the layers of a refused batch stay unwritten."""
-        dsts = [self.plan.dsts[i] for i in indices]
-        srcs = [self.pending[i] for i in indices]
+        dsts, srcs, names = [], [], []
+        held = regions = 0
+        for i in indices:
+            value = self.pending[i]
+            if isinstance(value, Pieces):
+                dsts += value.dsts
+                srcs += value.srcs
+                names += [label for _, _, _, label in value.spans]
+                held += value.held_bytes
+                regions += len(value.dsts)
+            else:
+                dsts.append(self.plan.dsts[i])
+                srcs.append(value)
+                names.append(self.plan.leading[i])
+                held += _nbytes(value)
         try:
             ops.batched_copy_(dsts, srcs)
         except RuntimeError:
             try:
-                problems = pair_problems(dsts, srcs, [self.plan.leading[i] for i in indices])
+                problems = pair_problems(dsts, srcs, names)
             except StaleLayout:
-                problems = {self.plan.leading[i]: "shares memory with another model tensor"
-                            for i in indices}
+                problems = {name: "shares memory with another model tensor" for name in names}
             if problems:
                 raise self.fail(mismatched=problems) from None
             raise
@@ -174,7 +236,8 @@ class _Consumer:
         self.tensors += len(indices)
         written = sum(self.plan.sizes[i] for i in indices)
         self.bytes += written
-        self.held_bytes -= sum(_nbytes(s) for s in srcs)
+        self.held_bytes -= held
+        self.regions += regions
         self.written_targets.update(indices)
         if self.on_written is not None:
             self.on_written(written)
@@ -188,7 +251,8 @@ class _Consumer:
         if replay is not None:
             missing = replay.missing() + missing
         if missing and self.strict:
-            raise self.fail(missing=missing)  # before the last batch: it stays unwritten
+            uncovered = {p.name: p.uncovered() for i, p in self.pieces.items() if i not in self.pending}
+            raise self.fail(missing=missing, regions=uncovered)  # before the last batch: it stays unwritten
         if replay is not None:
             replay.flush()  # complete units; with strict=False, incomplete ones keep their weights
         self.flush()
@@ -200,11 +264,11 @@ class _Consumer:
         if replay is None:
             return StreamResult(self.tensors, self.bytes, layers, self.calls, self.bytes_read,
                                 self.peak_held_bytes, tuple(missing), tuple(self.unexpected),
-                                self.renamed)
+                                self.renamed, regions=self.regions)
         return StreamResult(self.tensors + replay.tensors, self.bytes + replay.bytes,
                             layers + len(replay.written), self.calls + replay.calls, self.bytes_read,
                             self.peak_held_bytes, tuple(missing), tuple(self.unexpected),
-                            self.renamed, replay.replayed, tuple(replay.custom_loaded))
+                            self.renamed, replay.replayed, tuple(replay.custom_loaded), self.regions)
 
 
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,

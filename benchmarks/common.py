@@ -134,6 +134,19 @@ def machine_line(machine: dict[str, object], *, repeats: int, warmup: int) -> st
             f"median of {repeats} interleaved rounds after {warmup} warm-up")
 
 
+def print_columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table a person can read: the first column left-aligned, the others right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+
+
 def fill_distinct(tensors: list[torch.Tensor], seed: int, *, spread: int, seed_stride: int = 0,
                   specials: bool = False) -> None:
     """Gives every tensor its own pseudo-random values, cheaply: a window of one random

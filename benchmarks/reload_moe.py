@@ -65,7 +65,8 @@ except ImportError:  # the file rows are skipped
 
 import presets
 from common import DTYPES as ALL_DTYPES
-from common import SourceFollowsDestination, fill_distinct, machine_info, machine_line, run_interleaved, timer
+from common import (SourceFollowsDestination, fill_distinct, machine_info, machine_line, print_columns,
+                    run_interleaved, timer)
 from presets import DEFAULT_PRESET, PRESETS
 
 # --dtype and --source-dtype offer the dtypes the presets were built and checked with;
@@ -571,15 +572,7 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
              "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}",
              "-" if r["overhead_us_per_tensor"] is None else f"{r['overhead_us_per_tensor']:.3f}")
             for name, r in results.items()]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    print(line(header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
+    print_columns(header, rows)
 
 
 def describe(arch) -> str:

@@ -55,7 +55,8 @@ from torch import nn
 import fastreload
 from fastreload.model import registrations_unseen  # see reference_reload: keeps fastreload's cache warm
 
-from common import SourceFollowsDestination, fill_distinct, machine_info, machine_line, run_interleaved, timer
+from common import (SourceFollowsDestination, fill_distinct, machine_info, machine_line, print_columns,
+                    run_interleaved, timer)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FASTRELOAD = "fastreload"
@@ -368,15 +369,7 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
              f"{r['gbps']:.2f}", f"{r['speedup_vs_reference']:.2f}",
              "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}")
             for name, r in results.items()]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    print(line(header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
+    print_columns(header, rows)
 
 
 def profile(methods: dict[str, Callable[[], object]], top: int) -> None:

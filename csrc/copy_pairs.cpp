@@ -26,10 +26,6 @@ std::optional<ElemKind> float_kind(at::ScalarType t) {
   }
 }
 
-bool convertible(at::ScalarType from, at::ScalarType to) {
-  return from == to || (float_kind(from) && float_kind(to));
-}
-
 Span span_of(const at::Tensor& t, int64_t pair, const void* data) {
   const int64_t numel = t.numel();
   if (numel == 0 || data == nullptr) return {};
@@ -172,6 +168,10 @@ FusedCopyTable& fused_copies() {
 }
 
 }  // namespace
+
+bool convertible(at::ScalarType from, at::ScalarType to) {
+  return from == to || (float_kind(from) && float_kind(to));
+}
 
 Destinations::Destinations(at::TensorList dst) : facts_(dst.size()) {
   if (dst.empty()) return;

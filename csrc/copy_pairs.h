@@ -27,6 +27,10 @@ enum class PairProblem : int8_t {
   kSourceOverlap = 5,       // src shares bytes with a dst it is not the exact copy of
 };
 
+// Whether batched_copy_ converts `from` into `to`: same dtype, or both floating
+// types it knows (fp64, fp32, fp16, bf16, fp8 e4m3fn and e5m2).
+bool convertible(at::ScalarType from, at::ScalarType to);
+
 // Byte range [lo, hi) from a tensor's first to one past its last element; lo == 0
 // for tensors with no bytes to read or write (empty, meta).
 struct Span {

@@ -10,10 +10,10 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import forget
 from fastreload.regions import Target
-from fastreload.reload import DEFAULT_BATCH_BYTES, reload_layerwise
+from fastreload.reload import DEFAULT_BATCH_BYTES, DEFAULT_REPLAY_BATCH_BYTES, reload_layerwise
 from fastreload.replay import Recording, record
 from fastreload.report import ReloadReport
 
-__all__ = ["DEFAULT_BATCH_BYTES", "Recording", "ReloadError", "ReloadReport", "Target", "forget", "ops", "record",
+__all__ = ["DEFAULT_BATCH_BYTES", "DEFAULT_REPLAY_BATCH_BYTES", "Recording", "ReloadError", "ReloadReport", "Target", "forget", "ops", "record",
            "reload_layerwise"]
 __version__ = "0.1.0"

@@ -18,8 +18,8 @@ except ImportError as error:
         "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
-    "BoundCopy", "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",
-    "batched_copy_with_table_", "storage_alias_mask", "storage_ptrs",
+    "BoundCopy", "CheckpointTensors", "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",
+    "batched_copy_with_table_", "converts", "storage_alias_mask", "storage_ptrs",
 ]
 
 
@@ -32,6 +32,16 @@ class PairProblem(enum.IntEnum):
     DEVICE = 3
     DESTINATION_OVERLAP = 4
     SOURCE_OVERLAP = 5
+
+
+# The floating dtypes batched_copy_ converts between (copy_pairs.h, convertible).
+_CONVERTIBLE = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                          torch.float8_e4m3fn, torch.float8_e5m2})
+
+
+def converts(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether batched_copy_ copies a src tensor of this dtype into a dst of that one."""
+    return src == dst or (src in _CONVERTIBLE and dst in _CONVERTIBLE)
 
 
 def storage_ptrs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -94,6 +104,42 @@ class BoundCopy:
 
     def __len__(self) -> int:
         return len(self._bound)
+
+
+class CheckpointTensors:
+    """Fresh tensors of fixed shapes, dtypes, devices and classes, made many at a
+    time, and sources checked against them in one pass (what a replay rebuilds on
+    every reload, csrc/python/checkpoint_tensors.cpp):
+
+        tensors = CheckpointTensors(entries)  # anything with shape, dtype, device, cls, ...
+        tensors.fits(sources)                 # every source copies into its entry
+        buffer = torch.empty(tensors.nbytes(0, n), dtype=torch.uint8)
+        made = tensors.make(buffer, 0, 0, n)  # views of buffer, uninitialized
+
+    Each entry has .shape, .dtype, .device, .cls (a torch.Tensor subclass),
+    .requires_grad and .loader (not None: any source fits it)."""
+
+    def __init__(self, entries: Sequence) -> None:
+        self._tensors = _C.CheckpointTensors(
+            [list(e.shape) for e in entries], [e.dtype for e in entries], [e.device for e in entries],
+            [e.cls for e in entries], [e.requires_grad for e in entries], [e.loader is None for e in entries])
+
+    def nbytes(self, begin: int, end: int) -> int:
+        """Bytes of a buffer for entries [begin, end), each on a 64-byte boundary."""
+        return self._tensors.nbytes(begin, end)
+
+    def fits(self, sources: tuple, begin: int = 0) -> bool:
+        """Whether every sources[k] is a tensor that batched_copy_ copies into entry
+        begin + k (same shape, a dtype that converts, on its device or the host)."""
+        return self._tensors.fits(sources, begin)
+
+    def make(self, buffer: torch.Tensor, offset: int, begin: int, end: int) -> list[torch.Tensor]:
+        """Entries [begin, end) as contiguous views of a 1-D uint8 buffer from byte
+        offset on (a multiple of 64), of their recorded classes and requires_grad."""
+        return self._tensors.make(buffer, offset, begin, end)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 class ReplayableCopy:

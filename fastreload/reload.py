@@ -23,7 +23,7 @@ from fastreload.report import ReloadReport
 from fastreload.sources import open_source
 from fastreload.stream import consume
 
-__all__ = ["DEFAULT_BATCH_BYTES", "DEFAULT_STREAM_BATCH_BYTES", "reload_layerwise"]
+__all__ = ["DEFAULT_BATCH_BYTES", "DEFAULT_REPLAY_BATCH_BYTES", "DEFAULT_STREAM_BATCH_BYTES", "reload_layerwise"]
 
 logger = logging.getLogger("fastreload")
 
@@ -33,9 +33,13 @@ logger = logging.getLogger("fastreload")
 DEFAULT_BATCH_BYTES = 2**30
 # A stream holds completed layers until they fill a batch: a smaller budget there.
 DEFAULT_STREAM_BATCH_BYTES = 256 * 2**20
+# Replayed units (record()) are processed a few at a time: a unit's checkpoint-format
+# temporaries are written, read by its processing and its results copied out while
+# they are still in cache; a larger unit goes alone. Checkpoint plus kernel bytes.
+DEFAULT_REPLAY_BATCH_BYTES = 16 * 2**20
 
 
-def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work, Replay | None]:
+def _copy(model, source, strict, batch_bytes, replay_batch_bytes, on_written) -> tuple[Layout, Work, Replay | None]:
     layout = layout_of(model)
     replay = replay_plan(model, layout)
     if replay is None:
@@ -43,7 +47,7 @@ def _copy(model, source, strict, batch_bytes, on_written) -> tuple[Layout, Work,
         work = resolve(plan, source, strict=strict, regions=_regions(plan.layout, source))
         _write(plan, work, on_written)
         return layout, work, None
-    return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, on_written)
+    return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, replay_batch_bytes, on_written)
 
 
 def _regions(layout: Layout, source, replay: ReplayPlan | None = None):
@@ -60,7 +64,7 @@ def _regions(layout: Layout, source, replay: ReplayPlan | None = None):
     return assemble_regions(layout, regions, source.original)
 
 
-def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, on_written):
+def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, replay_batch_bytes, on_written):
     """Recorded modules replayed, the others copied directly: every name, shape and
     dtype of both checked before the first write; then the replayed units (whose
     processing may still refuse one), then the direct batches."""
@@ -71,7 +75,7 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, on_wr
         written, unwritten = session.layers()
         return ReloadError(**problems, written_layers=written, unwritten_layers=unwritten + direct_units)
 
-    session = Replay(replay, model, batch_bytes=batch_bytes, on_written=on_written, fail=fail)
+    session = Replay(replay, model, batch_bytes=replay_batch_bytes, on_written=on_written, fail=fail)
     found = session.check_mapping(source)
     if not strict:
         found["missing"] = []
@@ -172,7 +176,9 @@ def reload_layerwise(
     Every parameter and persistent buffer receives the source's values, converted to
     its dtype; every tensor keeps its object, storage and data pointer, so captured
     CUDA graphs and kernels holding raw pointers stay valid. Layers are copied in
-    fused batches of up to ``batch_bytes`` (1 GiB, or 256 MiB for streams).
+    fused batches of up to ``batch_bytes`` (1 GiB, or 256 MiB for streams; units
+    replayed for record() go in batches of 16 MiB of checkpoint plus kernel bytes,
+    a larger unit alone).
 
     ``rename`` maps source names to model names: a callable, or a dict of prefix
     replacements (``{"module.": ""}``, ``{"": "model."}``). Without it, names wrapped
@@ -196,10 +202,11 @@ def reload_layerwise(
     started = time.perf_counter()
     kind, source = open_source(state_dict)
     rename = renamer(rename)
+    if batch_bytes is not None and batch_bytes <= 0:
+        raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
+    replay_batch_bytes = batch_bytes or DEFAULT_REPLAY_BATCH_BYTES
     if batch_bytes is None:
         batch_bytes = DEFAULT_STREAM_BATCH_BYTES if kind == "stream" else DEFAULT_BATCH_BYTES
-    if batch_bytes <= 0:
-        raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
     bar = _progress_bar() if progress else None
     on_written = bar.update if bar is not None else None
     try:
@@ -215,7 +222,7 @@ def reload_layerwise(
                 done = consume(plan, source, strict=strict, batch_bytes=batch_bytes,
                                max_held_bytes=max_held_bytes, rename=rename,
                                detect=_known_to(layout, replay), on_written=on_written,
-                               replay=replay, model=model)
+                               replay=replay, model=model, replay_batch_bytes=replay_batch_bytes)
                 calls, bytes_read, peak, renamed = (done.batched_copy_calls, done.bytes_read,
                                                     done.peak_held_bytes, done.renamed)
                 replayed, custom_loaded = done.replayed, done.custom_loaded
@@ -227,10 +234,11 @@ def reload_layerwise(
                 if bar is not None:
                     bar.total = plan_for(layout_of(model), batch_bytes).total_bytes
                 try:
-                    layout, done, session = _copy(model, source, strict, batch_bytes, on_written)
+                    layout, done, session = _copy(model, source, strict, batch_bytes, replay_batch_bytes, on_written)
                 except StaleLayout:
                     forget(model)
-                    layout, done, session = _copy(model, source, strict, batch_bytes, on_written)
+                    layout, done, session = _copy(model, source, strict, batch_bytes, replay_batch_bytes,
+                                                  on_written)
                 calls, peak = done.copies, 0
                 replayed = custom_loaded = ()
                 if session is not None:

@@ -23,6 +23,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from operator import itemgetter
 
 import torch
 from torch import nn
@@ -63,33 +64,16 @@ class Entry:
     def loader(self):
         return self.attrs.get("weight_loader")
 
-    def materialize(self) -> torch.Tensor:
-        """A fresh tensor of this shape, dtype, class and attributes (uninitialized:
-        it is only ever read after the source has been loaded into it)."""
-        t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        if self.cls is not torch.Tensor:
-            t = torch.Tensor._make_subclass(self.cls, t, self.requires_grad)
-        if self.attrs:
-            t.__dict__.update(self.attrs)
-        return t
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One tensor of a recorded module: a checkpoint entry (index into the group's
-    entries), or, with entry None, a non-persistent buffer installed as a copy of
-    the live one."""
-
-    key: str
-    is_param: bool
-    persistent: bool
-    entry: int | None
-
 
 @dataclass(frozen=True)
 class RecordedModule:
+    """A processed module's own tensors, in registration order: each parameter and
+    persistent buffer by its checkpoint entry (an index into the group's entries);
+    a non-persistent buffer with entry None, installed as a copy of the live one."""
+
     prefix: str
-    slots: tuple[Slot, ...]
+    params: tuple[tuple[str, int], ...]
+    buffers: tuple[tuple[str, int | None], ...]
     process: Process | None
 
 
@@ -200,19 +184,19 @@ def _record(model: nn.Module, processors: dict[str, Process]) -> Recording:
         position: dict[object, int] = {}
         modules = []
         for unit in units:
-            slots = []
+            params, buffers = [], []
             for e in kept:
                 if e.unit != unit:
                     continue
                 key = e.name.rpartition(".")[2]
                 if not e.persistent:
-                    slots.append(Slot(key, False, False, None))
+                    buffers.append((key, None))
                     continue
                 memory = key_of[e.name]
                 position.setdefault(memory, len(position))
                 entries.setdefault(memory, [[], e.tensor])[0].append(e.name)
-                slots.append(Slot(key, e.is_param, True, position[memory]))
-            modules.append(RecordedModule(unit, tuple(slots), processors.get(unit)))
+                (params if e.is_param else buffers).append((key, position[memory]))
+            modules.append(RecordedModule(unit, tuple(params), tuple(buffers), processors.get(unit)))
         groups.append(Group(tuple(modules), tuple(_entry(names, t) for names, t in entries.values())))
     recorded = {m.prefix for g in groups for m in g.modules}
     return Recording(tuple(groups), frozenset(b.name for b in aliases if b.persistent and b.unit in recorded))
@@ -235,7 +219,9 @@ def forget_recording(model: nn.Module) -> None:
 @dataclass(frozen=True)
 class ReplayPlan:
     """A recording matched to the live model (cached with its layout): the live
-    kernel tensors of each group, the layout left for the direct path, the names."""
+    kernel tensors of each group, the layout left for the direct path, the names,
+    and what a reload needs to take a mapping's checkpoint tensors and make the
+    temporaries in a few calls rather than a few per tensor."""
 
     recording: Recording
     direct: Layout  # the layout without the tensors of replayed modules
@@ -245,6 +231,15 @@ class ReplayPlan:
     kernels: tuple[tuple[tuple[int, str, torch.Tensor], ...], ...]
     alias_keys: tuple[tuple[frozenset[str], ...], ...]  # per group, per module: its alias buffers
     group_bytes: tuple[int, ...]  # checkpoint plus kernel bytes, what a group holds while replayed
+    # Every entry of every group in order, group g's from starts[g] to starts[g + 1].
+    starts: tuple[int, ...]
+    gather: Callable  # source -> the tensors under every entry's leading name, in order
+    tied: tuple[tuple[str, int], ...]  # second names of tied entries, with the entry's position
+    tensors: ops.CheckpointTensors
+    # Per group: (begin, end, device, bytes) of each run of entries on one device.
+    runs: tuple[tuple[tuple[int, int, torch.device, int], ...], ...]
+    attrs: tuple[tuple[tuple[int, dict], ...], ...]  # per group: (entry, attributes) where any
+    loaded: tuple[tuple[int, ...], ...]  # per group: its entries with a weight_loader
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -304,8 +299,32 @@ def _make(model: nn.Module, layout: Layout, recording: Recording) -> ReplayPlan:
                            + sum(t.numel() * t.element_size() for _, _, t in found))
     index = {n: (g, e) for g, group in enumerate(recording.groups)
              for e, entry in enumerate(group.entries) for n in entry.names}
+    entries = [entry for group in recording.groups for entry in group.entries]
+    starts = [0]
+    for group in recording.groups:
+        starts.append(starts[-1] + len(group.entries))
+    leading = [entry.name for entry in entries]
+    tensors = ops.CheckpointTensors(entries)
+    runs, attrs, loaded = [], [], []
+    for g, group in enumerate(recording.groups):
+        found, begin = [], starts[g]
+        for i in range(starts[g] + 1, starts[g + 1] + 1):
+            if i == starts[g + 1] or entries[i].device != entries[begin].device:
+                found.append((begin, i, entries[begin].device, tensors.nbytes(begin, i)))
+                begin = i
+        runs.append(tuple(found))
+        attrs.append(tuple((e, entry.attrs) for e, entry in enumerate(group.entries) if entry.attrs))
+        loaded.append(tuple(e for e, entry in enumerate(group.entries) if entry.loader is not None))
     return ReplayPlan(recording, _without(layout, prefixes), index, recording.ignored,
-                      tuple(kernels), tuple(alias_keys), tuple(group_bytes))
+                      tuple(kernels), tuple(alias_keys), tuple(group_bytes), tuple(starts),
+                      _getter(leading), tuple((n, i) for i, entry in enumerate(entries) for n in entry.names[1:]),
+                      tensors, tuple(runs), tuple(attrs), tuple(loaded))
+
+
+def _getter(names: list[str]) -> Callable:
+    if len(names) == 1:
+        return lambda source: (source[names[0]],)
+    return itemgetter(*names)
 
 
 def _without(layout: Layout, prefixes: set[str]) -> Layout:
@@ -350,18 +369,16 @@ def _install(module: nn.Module, rec: RecordedModule, temps: list[torch.Tensor],
     """Puts the checkpoint-format temporaries in place of the module's tensors (dict
     writes: no registration hook fires, and everything is put back by restore())."""
     saved = _Saved(module)
-    params, buffers, non_persistent = {}, {}, set()
-    for slot in rec.slots:
-        if slot.entry is not None:
-            t = temps[slot.entry]
-        else:
-            live = saved.buffers.get(slot.key)
-            if live is None or is_uninitialized(live):
-                continue
-            t = live.clone()  # runtime state the processing may read; the live one stays untouched
-        (params if slot.is_param else buffers)[slot.key] = t
-        if not slot.persistent:
-            non_persistent.add(slot.key)
+    params = {key: temps[e] for key, e in rec.params}
+    buffers, non_persistent = {}, set()
+    for key, e in rec.buffers:
+        if e is not None:
+            buffers[key] = temps[e]
+            continue
+        live = saved.buffers.get(key)
+        if live is not None and not is_uninitialized(live):
+            buffers[key] = live.clone()  # runtime state the processing may read; the live one stays untouched
+            non_persistent.add(key)
     for key in alias_keys:  # views of parameters: left as they are, never copied
         buffers.setdefault(key, saved.buffers[key])
         if key in saved.non_persistent:
@@ -398,7 +415,7 @@ def _source_problem(entry: Entry, tensor: torch.Tensor) -> str | None:
     if tuple(tensor.shape) != entry.shape:
         return (f"shape mismatch: the checkpoint format recorded is {entry.shape}, "
                 f"the source {tuple(tensor.shape)}")
-    if tensor.dtype != entry.dtype and not (tensor.is_floating_point() and entry.dtype.is_floating_point):
+    if not ops.converts(tensor.dtype, entry.dtype):
         return (f"dtype mismatch: cannot convert the source's {tensor.dtype} into the "
                 f"recorded {entry.dtype}")
     if tensor.device != entry.device and tensor.device.type != "cpu":
@@ -420,14 +437,19 @@ class Replay:
         self.on_written = on_written
         self.fail = fail
         groups = plan.groups
-        self.values: list[dict[int, torch.Tensor]] = [{} for _ in groups]
+        # Per group, the source tensor of each entry (None: not arrived); None before any.
+        self.values: list[list[torch.Tensor | None] | None] = [None] * len(groups)
         self.remaining = [len(g.entries) for g in groups]
         self.ready: list[int] = []
         self.ready_bytes = 0
         self.written: list[int] = []
-        self.held_bytes = 0
+        self.held_bytes = 0  # of taken tensors not yet replayed, as a stream's max_held_bytes counts
+        self.held = [0] * len(groups)  # the same, per group
         self.tensors = self.bytes = self.calls = 0
         self.custom_loaded: list[str] = []
+        # The temporaries' memory, per device, reused batch after batch (freed with the
+        # session): allocating it afresh for each batch costs page faults on the host.
+        self.buffers: dict[torch.device, torch.Tensor] = {}
 
     # -- names
 
@@ -436,7 +458,10 @@ class Replay:
         caller's to refuse). Raises fail(...) for a tensor that does not fit."""
         g, e = self.plan.index[name]
         entry = self.plan.groups[g].entries[e]
-        first = self.values[g].get(e)
+        values = self.values[g]
+        if values is None:
+            values = self.values[g] = [None] * len(self.plan.groups[g].entries)
+        first = values[e]
         if first is not None:  # a tied second name: it must say what the first one said
             if not same_values(first, tensor):
                 raise self.fail(conflicts=[name])
@@ -444,8 +469,10 @@ class Replay:
         problem = _source_problem(entry, tensor)
         if problem is not None:
             raise self.fail(mismatched={name: problem})
-        self.values[g][e] = tensor
-        self.held_bytes += tensor.numel() * tensor.element_size()
+        values[e] = tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        self.held[g] += nbytes
+        self.held_bytes += nbytes
         self.remaining[g] -= 1
         if self.remaining[g] == 0:
             self.ready.append(g)
@@ -456,6 +483,8 @@ class Replay:
     def check_mapping(self, source: Mapping[str, torch.Tensor]) -> dict:
         """Takes every checkpoint name of a mapping, writing nothing; returns the
         problems found, by ReloadError field (missing: leading names never given)."""
+        if self._take_all(source):
+            return {"missing": [], "mismatched": {}, "conflicts": []}
         mismatched, conflicts = {}, []
         for name in self.plan.index:
             tensor = source.get(name)
@@ -470,9 +499,30 @@ class Replay:
                 conflicts += error.conflicts
         return {"missing": self.missing(), "mismatched": mismatched, "conflicts": conflicts}
 
+    def _take_all(self, source: Mapping[str, torch.Tensor]) -> bool:
+        """The common case in a few calls: every leading name there and fitting, tied
+        second names absent or agreeing. False, having taken nothing, otherwise."""
+        plan = self.plan
+        try:
+            found = plan.gather(source)
+        except KeyError:
+            return False
+        if not plan.tensors.fits(found):
+            return False
+        for name, i in plan.tied:
+            second = source.get(name)
+            if second is not None and not (isinstance(second, torch.Tensor) and same_values(found[i], second)):
+                return False
+        starts = plan.starts
+        self.values = [list(found[starts[g]:starts[g + 1]]) for g in range(len(plan.groups))]
+        self.remaining = [0] * len(plan.groups)
+        self.ready = list(range(len(plan.groups)))
+        self.ready_bytes = sum(plan.group_bytes)
+        return True
+
     def missing(self) -> list[str]:
         return [entry.name for g, group in enumerate(self.plan.groups) if self.remaining[g]
-                for e, entry in enumerate(group.entries) if e not in self.values[g]]
+                for e, entry in enumerate(group.entries) if self.values[g] is None or self.values[g][e] is None]
 
     def layers(self) -> tuple[list[str], list[str]]:
         """(written, not written) group names."""
@@ -495,18 +545,48 @@ class Replay:
             self._replay(batch)
         self.ready, self.ready_bytes = [], 0
 
+    def _temporaries(self, gs: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Fresh checkpoint-format tensors for the groups: views of one allocation
+        per device, as their recorded classes, with their recorded attributes."""
+        plan = self.plan
+        need: dict[torch.device, int] = {}
+        for g in gs:
+            for _, _, device, nbytes in plan.runs[g]:
+                need[device] = need.get(device, 0) + nbytes
+        buffers = self.buffers
+        for device, nbytes in need.items():
+            if device not in buffers or buffers[device].numel() < nbytes:
+                buffers.pop(device, None)  # freed before its successor is allocated
+                buffers[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        used = dict.fromkeys(need, 0)
+        temps = {}
+        for g in gs:
+            made: list[torch.Tensor] = []
+            for begin, end, device, nbytes in plan.runs[g]:
+                made += plan.tensors.make(buffers[device], used[device], begin, end)
+                used[device] += nbytes
+            for e, attrs in plan.attrs[g]:
+                made[e].__dict__.update(attrs)
+            temps[g] = made
+        return temps
+
     def _replay(self, gs: list[int]) -> None:
         plan, groups = self.plan, self.plan.groups
-        temps = {g: [entry.materialize() for entry in groups[g].entries] for g in gs}
+        temps = self._temporaries(gs)
         modules = {g: [self.model.get_submodule(m.prefix) for m in groups[g].modules] for g in gs}
         dsts, srcs, loaded = [], [], []
         for g in gs:
-            for e, entry in enumerate(groups[g].entries):
-                if entry.loader is None:
-                    dsts.append(temps[g][e])
-                    srcs.append(self.values[g][e])
-                else:
+            values = self.values[g]
+            if not plan.loaded[g]:
+                dsts += temps[g]
+                srcs += values
+                continue
+            for e in range(len(values)):
+                if e in plan.loaded[g]:
                     loaded.append((g, e))
+                else:
+                    dsts.append(temps[g][e])
+                    srcs.append(values[e])
         live, results, problems = [], [], {}
         saved: list[_Saved] = []
         try:
@@ -551,8 +631,9 @@ class Replay:
         written = sum(t.numel() * t.element_size() for t in live)
         self.bytes += written
         for g in gs:
-            self.held_bytes -= sum(t.numel() * t.element_size() for t in self.values[g].values())
-            self.values[g] = {}
+            self.held_bytes -= self.held[g]
+            self.held[g] = 0
+            self.values[g] = None
         self.written += gs
         if self.on_written is not None:
             self.on_written(written)

@@ -47,7 +47,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 class _Consumer:
     def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None,
-                 rename, detect, on_written, replay: ReplayPlan | None = None, model=None):
+                 rename, detect, on_written, replay: ReplayPlan | None = None, model=None,
+                 replay_batch_bytes: int | None = None):
         self.plan = plan
         self.rename = rename
         self.renamed = "rename" if rename is not None else None
@@ -72,7 +73,7 @@ class _Consumer:
         self.unexpected: list[str] = []
         # Recorded modules: their checkpoint names go to the replay, which writes them.
         self.replay = None if replay is None else Replay(
-            replay, model, batch_bytes=batch_bytes, on_written=on_written, fail=self.fail)
+            replay, model, batch_bytes=replay_batch_bytes or batch_bytes, on_written=on_written, fail=self.fail)
 
     def fail(self, **problems) -> ReloadError:
         written = set(self.written_units)
@@ -116,7 +117,7 @@ class _Consumer:
         if replay is not None and name in replay.plan.index:
             replay.take(name, tensor, flush=False)
             self.hold(_nbytes(tensor))
-            if replay.ready_bytes >= self.batch_bytes:
+            if replay.ready_bytes >= replay.batch_bytes:
                 replay.flush()
             return
         index = self.layout.target_index.get(name)
@@ -273,11 +274,12 @@ class _Consumer:
 
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
             max_held_bytes: int | None, rename=None, detect=None, on_written=None,
-            replay: ReplayPlan | None = None, model=None) -> StreamResult:
+            replay: ReplayPlan | None = None, model=None, replay_batch_bytes: int | None = None) -> StreamResult:
     """Reads the stream and writes its layers; `rename` maps names, or `detect` (the
-    names the model knows) lets a common wrapper be recognised from the first name."""
+    names the model knows) lets a common wrapper be recognised from the first name.
+    Replayed units go in batches of replay_batch_bytes (default: batch_bytes)."""
     consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written,
-                         replay, model)
+                         replay, model, replay_batch_bytes)
     iterator = iter(pairs)
     while True:
         try:

@@ -163,3 +163,36 @@ def test_opcheck_batched_copy_on_the_device():
     dsts = [torch.zeros(5, 3, device="cuda", dtype=torch.bfloat16), torch.zeros(7, device="cuda")]
     srcs = [torch.randn(5, 3, device="cuda"), torch.randn(7)]
     torch.library.opcheck(torch.ops.fastreload.batched_copy_.default, (dsts, srcs))
+
+
+class Fp8Linear(nn.Linear):
+    def process_weights_after_loading(self):
+        w = self.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-6) / 448
+        self.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+
+def _fp8_model(source):
+    model = nn.Sequential(*(Fp8Linear(64, 64) for _ in range(3)), nn.LayerNorm(64)).cuda().bfloat16()
+    fastreload.record(model)
+    model.load_state_dict(source)
+    for m in model[:3]:
+        m.process_weights_after_loading()
+    return model
+
+
+@pytest.mark.parametrize("source_device", ["cuda", "cpu"])
+def test_replay_on_the_device(source_device):
+    first = {k: torch.randn(v.shape) for k, v in nn.Sequential(*(nn.Linear(64, 64) for _ in range(3)),
+                                                               nn.LayerNorm(64)).state_dict().items()}
+    new = {k: torch.randn_like(v).to(source_device) for k, v in first.items()}
+    model = _fp8_model(first)
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    report = fastreload.reload_layerwise(model, new)
+    torch.cuda.synchronize()
+    assert sorted(report.replayed) == ["0", "1", "2"]
+    expected = _fp8_model({k: v.cuda() for k, v in new.items()}).state_dict()
+    for k, v in model.state_dict().items():
+        assert v.data_ptr() == pointers[k], k
+        assert torch.equal(v.float(), expected[k].float()), k

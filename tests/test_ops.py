@@ -824,3 +824,101 @@ def test_bound_copy_bad_arguments():
         ops.BoundCopy(dsts, [1, 1, 2])
     assert all(torch.equal(d, torch.zeros_like(d)) for d in dsts)
     assert ops.BoundCopy([], [0])(()) is None
+
+
+# -- CheckpointTensors: what a replay makes and checks on every reload
+
+
+class Entry:
+    """What CheckpointTensors reads of a recorded checkpoint tensor."""
+
+    def __init__(self, shape, dtype=torch.float32, cls=torch.nn.Parameter, requires_grad=False, loader=None,
+                 device="cpu"):
+        self.shape, self.dtype, self.cls = tuple(shape), dtype, cls
+        self.requires_grad, self.loader, self.device = requires_grad, loader, torch.device(device)
+
+
+class Tagged(torch.nn.Parameter):
+    """A Parameter subclass, as inference engines give their weights."""
+
+
+def _buffer(tensors, begin=0, end=None):
+    end = len(tensors) if end is None else end
+    return torch.empty(tensors.nbytes(begin, end), dtype=torch.uint8)
+
+
+def test_checkpoint_tensors_are_disjoint_aligned_views_of_one_buffer():
+    entries = [Entry((3, 5), torch.bfloat16), Entry((7,), torch.float32, torch.Tensor), Entry((0, 4)),
+               Entry((2, 2), torch.float8_e4m3fn, Tagged, loader=print), Entry((), torch.float16),
+               Entry((4,), torch.float32, requires_grad=True)]
+    tensors = ops.CheckpointTensors(entries)
+    assert len(tensors) == len(entries)
+    assert tensors.nbytes(0, 6) == 5 * 64 and tensors.nbytes(2, 3) == 0  # each on its own cache line; empty: none
+    buffer = _buffer(tensors)
+    made = tensors.make(buffer, 0, 0, len(entries))
+    for t, e in zip(made, entries):
+        assert type(t) is e.cls and t.shape == e.shape and t.dtype == e.dtype and t.is_contiguous()
+        assert t.requires_grad == e.requires_grad and t.is_leaf
+        assert t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert t.data_ptr() % 64 == 0
+    def as_bytes(t):
+        return t.detach().reshape(-1).view(torch.uint8)
+
+    for i, t in enumerate(made):  # each written alone changes no other
+        as_bytes(t).fill_(i + 1)
+    assert [set(as_bytes(t).tolist()) for t in made] == [{1}, {2}, set(), {4}, {5}, {6}]
+    made[0].__dict__["attribute"] = 1  # attributes land on a fresh object each time
+    assert "attribute" not in tensors.make(buffer, 0, 0, 1)[0].__dict__
+
+
+def test_checkpoint_tensors_ranges_and_offsets():
+    entries = [Entry((100,)), Entry((3,), torch.int64), Entry((17,), torch.float16)]
+    tensors = ops.CheckpointTensors(entries)
+    buffer = torch.empty(64 + tensors.nbytes(1, 3), dtype=torch.uint8)
+    made = tensors.make(buffer, 64, 1, 3)
+    assert [t.shape for t in made] == [(3,), (17,)]
+    assert made[0].data_ptr() == buffer.data_ptr() + 64
+    assert tensors.make(buffer, 0, 2, 2) == []
+
+
+def test_checkpoint_tensors_refuse_bad_arguments():
+    tensors = ops.CheckpointTensors([Entry((4,)), Entry((8,))])
+    buffer = _buffer(tensors)
+    with pytest.raises(ValueError, match="bytes needed"):
+        tensors.make(buffer[:64], 0, 0, 2)
+    with pytest.raises(ValueError, match="not a multiple of 64"):
+        tensors.make(buffer, 8, 0, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        tensors.make(buffer.view(torch.float32), 0, 0, 2)
+    with pytest.raises(IndexError, match="out of 2"):
+        tensors.make(buffer, 0, 1, 3)
+    with pytest.raises(IndexError, match="out of 2"):
+        tensors.fits((torch.zeros(4), torch.zeros(8), torch.zeros(1)))
+    with pytest.raises(ValueError, match="meta"):
+        tensors.make(torch.empty(128, dtype=torch.uint8, device="meta"), 0, 0, 2)
+    with pytest.raises(TypeError, match="not a torch.Tensor subclass"):
+        ops.CheckpointTensors([Entry((4,), cls=int)])
+    with pytest.raises(TypeError, match="tuple"):
+        tensors.fits([torch.zeros(4), torch.zeros(8)])
+
+
+@pytest.mark.parametrize("source, fits", [
+    (torch.zeros(2, 3), True),
+    (torch.zeros(2, 3, dtype=torch.float8_e5m2), True),  # floating types convert
+    (torch.zeros(3, 2), False),
+    (torch.zeros(6), False),
+    (torch.zeros(2, 3, dtype=torch.int32), False),
+    (torch.zeros(2, 3, dtype=torch.float8_e4m3fnuz), False),  # floating, but batched_copy_ cannot convert it
+    (torch.zeros(2, 3, device="meta"), False),
+    (torch.zeros(3, 2).t(), True),  # any layout
+    ("weights", False),
+    (None, False),
+])
+def test_checkpoint_tensors_fit_what_batched_copy_takes(source, fits):
+    tensors = ops.CheckpointTensors([Entry((4,)), Entry((2, 3), torch.bfloat16), Entry((5,), loader=print)])
+    # The third entry has a weight_loader: any tensor fits it.
+    assert tensors.fits((torch.zeros(4), source, torch.zeros(9, dtype=torch.int8))) is fits
+    assert tensors.fits((source,), 1) is fits
+    if isinstance(source, torch.Tensor) and source.device.type == "cpu":
+        assert (ops.batched_copy_check([torch.zeros(2, 3, dtype=torch.bfloat16)], [source]).item() == 0) is fits
+        assert ops.converts(source.dtype, torch.bfloat16) is (fits or source.shape != (2, 3))

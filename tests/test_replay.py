@@ -415,3 +415,63 @@ def test_a_recorded_model_is_freed_when_dropped():
     del model
     gc.collect()
     assert gone() is None
+
+
+class LoaderParameter(nn.Parameter):
+    """An engine's parameter class, carrying a loader-side attribute."""
+
+
+class Seen(nn.Module):
+    """Records what its processing is given: the checkpoint-format tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = LoaderParameter(torch.zeros(4, 4), requires_grad=False)
+        self.weight.output_dim = 0
+        self.seen = []
+
+    def process_weights_after_loading(self):
+        self.seen.append(self.weight)
+        self.weight = nn.Parameter(self.weight.detach() * 2, requires_grad=False)
+
+
+@pytest.mark.parametrize("kind", ["mapping", "stream"])
+def test_processing_gets_fresh_tensors_of_the_recorded_class_and_attributes(kind, tmp_path):
+    model = Seen()
+    fastreload.record(model)
+    model.process_weights_after_loading()
+    for value in (1.0, 2.0):
+        reload_layerwise(model, as_source(kind, {"weight": torch.full((4, 4), value)}, tmp_path))
+        given = model.seen[-1]
+        assert type(given) is LoaderParameter and given.output_dim == 0 and not given.requires_grad
+        assert torch.equal(given, torch.full((4, 4), value)) and given.is_contiguous()
+        assert torch.equal(model.weight, torch.full((4, 4), 2 * value))
+    first, second = model.seen[1:]
+    assert first is not second and first.data_ptr() != model.weight.data_ptr()
+    first.extra = True  # what processing does to one reload's tensors stays there
+    reload_layerwise(model, {"weight": torch.ones(4, 4)})
+    assert not hasattr(model.seen[-1], "extra")
+
+
+@pytest.mark.parametrize("kind", ["mapping", "stream"])
+def test_a_source_dtype_the_copy_cannot_convert_is_refused_before_writing(kind, tmp_path):
+    model = built(Net, checkpoint(Net()))
+    new = checkpoint(Net(), seed=1)
+    new["blocks.1.weight"] = new["blocks.1.weight"].to(torch.float8_e4m3fnuz)  # floating, not convertible
+    before = snapshot(model)
+    with pytest.raises(ReloadError, match=r"blocks.1.weight.*cannot convert.*float8_e4m3fnuz") as error:
+        reload_layerwise(model, as_source(kind, new, tmp_path))
+    assert list(error.value.mismatched) == ["blocks.1.weight"]
+    if kind == "mapping":
+        assert_untouched(model, before)
+
+
+# Per batch of units, one copy into the temporaries and one of the results; then
+# the direct layers (embed, norm): one batch, or one each at a 1-byte budget.
+@pytest.mark.parametrize("batch_bytes, calls", [(None, 2 + 1), (1, 3 * 2 + 2)])
+def test_units_are_replayed_in_batches_of_the_budget(batch_bytes, calls):
+    model = built(Net, checkpoint(Net()))
+    new = checkpoint(Net(), seed=1)
+    report = reload_layerwise(model, new, batch_bytes=batch_bytes)
+    assert report.batched_copy_calls == calls
+    assert_same_state(model, built(Net, new, recorded=False))

@@ -142,6 +142,9 @@ class BoundCopy {
 };
 
 }  // namespace
+
+void bind_checkpoint_tensors(pybind11::module& m);  // checkpoint_tensors.cpp
+
 }  // namespace fastreload
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -151,4 +154,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("batch_stops"))
       .def("copy", &BoundCopy::copy, pybind11::arg("sources"), pybind11::arg("on_batch") = pybind11::none())
       .def("__len__", &BoundCopy::size);
+  fastreload::bind_checkpoint_tensors(m);
 }

@@ -240,6 +240,7 @@ class ReplayPlan:
     runs: tuple[tuple[tuple[int, int, torch.device, int], ...], ...]
     attrs: tuple[tuple[tuple[int, dict], ...], ...]  # per group: (entry, attributes) where any
     loaded: tuple[tuple[int, ...], ...]  # per group: its entries with a weight_loader
+    live_storages: frozenset[int]  # storages of the model's tensors, to tell aliases held as attributes
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -305,6 +306,7 @@ def _make(model: nn.Module, layout: Layout, recording: Recording) -> ReplayPlan:
         starts.append(starts[-1] + len(group.entries))
     leading = [entry.name for entry in entries]
     tensors = ops.CheckpointTensors(entries)
+    live = [t for found in kernels for _, _, t in found] + [t.tensor for t in layout.targets]
     runs, attrs, loaded = [], [], []
     for g, group in enumerate(recording.groups):
         found, begin = [], starts[g]
@@ -318,7 +320,8 @@ def _make(model: nn.Module, layout: Layout, recording: Recording) -> ReplayPlan:
     return ReplayPlan(recording, _without(layout, prefixes), index, recording.ignored,
                       tuple(kernels), tuple(alias_keys), tuple(group_bytes), tuple(starts),
                       _getter(leading), tuple((n, i) for i, entry in enumerate(entries) for n in entry.names[1:]),
-                      tensors, tuple(runs), tuple(attrs), tuple(loaded))
+                      tensors, tuple(runs), tuple(attrs), tuple(loaded),
+                      frozenset(ops.storage_ptrs(live).tolist()) - {0})
 
 
 def _getter(names: list[str]) -> Callable:
@@ -340,17 +343,73 @@ def _without(layout: Layout, prefixes: set[str]) -> Layout:
                    target_index={n: i for i, t in enumerate(targets) for n in t.names}, plans={})
 
 
+_ABSENT = object()
+# The module's own registries, put back as they were by _Saved.restore().
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+
+
+def _holds_tensors(value, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple, set, frozenset)):
+        return False
+    return any(_holds_tensors(v, depth + 1) for v in value)
+
+
 class _Saved:
     """A module's own state, to be put back exactly: its attributes, the parameter,
-    buffer and submodule dicts (same objects, same contents) and persistence."""
+    buffer and submodule dicts (same objects, same contents) and persistence.
+    Tensors held as plain attributes are replaced by copies while the module is
+    replayed, so that processing never writes the live ones."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, prefix: str, live_storages: frozenset[int]) -> None:
         self.module = module
+        self.prefix = prefix
         self.attrs = dict(module.__dict__)
         self.params = dict(module._parameters)
         self.buffers = dict(module._buffers)
         self.modules = dict(module._modules)
         self.non_persistent = set(module._non_persistent_buffers_set)
+        # Views of the model's tensors (aliases) are left alone: written through them.
+        self.clones = {k: v.clone() for k, v in self.attrs.items()
+                       if isinstance(v, torch.Tensor) and _storage(v) not in live_storages}
+        module.__dict__.update(self.clones)
+
+    def changes(self) -> tuple[list, dict, dict]:
+        """What processing left in the module's plain attributes (not its parameters,
+        buffers or submodules), to carry into the live module: tensors to copy in
+        place as (live, new), values to set, problems by name."""
+        copies, values, problems = [], {}, {}
+        for key, new in self.module.__dict__.items():
+            old = self.attrs.get(key, _ABSENT)
+            if key in _MODULE_STATE or (new is old and key not in self.clones):
+                continue
+            if isinstance(old, torch.Tensor) and key not in self.clones:
+                continue  # an alias of a model tensor: that tensor is written
+            name = f"{self.prefix}.{key}" if self.prefix else key
+            if isinstance(old, torch.Tensor):
+                # Pointed at like a kernel tensor, perhaps: written in place, never replaced.
+                why = _check_result(new, old) if isinstance(new, torch.Tensor) else (
+                    f"processing replaced a tensor attribute with a {type(new).__name__}")
+                if why is not None:
+                    problems[name] = why
+                else:
+                    copies.append((old, new))
+            elif isinstance(new, torch.Tensor) or _holds_tensors(new):
+                what = "a tensor" if isinstance(new, torch.Tensor) else f"a {type(new).__name__} holding tensors"
+                problems[name] = (f"processing set a plain attribute to {what}, which the live module has no "
+                                  "tensor to receive in place: register such tensors as parameters or buffers")
+            else:
+                values[key] = new
+        return copies, values, problems
 
     def restore(self) -> None:
         m = self.module
@@ -365,10 +424,10 @@ class _Saved:
 
 
 def _install(module: nn.Module, rec: RecordedModule, temps: list[torch.Tensor],
-             alias_keys: frozenset[str]) -> _Saved:
+             alias_keys: frozenset[str], live_storages: frozenset[int]) -> _Saved:
     """Puts the checkpoint-format temporaries in place of the module's tensors (dict
     writes: no registration hook fires, and everything is put back by restore())."""
-    saved = _Saved(module)
+    saved = _Saved(module, rec.prefix, live_storages)
     params = {key: temps[e] for key, e in rec.params}
     buffers, non_persistent = {}, set()
     for key, e in rec.buffers:
@@ -588,12 +647,14 @@ class Replay:
                     dsts.append(temps[g][e])
                     srcs.append(values[e])
         live, results, problems = [], [], {}
+        attributes: list[tuple[nn.Module, dict]] = []  # plain values processing set, per module
         saved: list[_Saved] = []
         try:
             with registrations_unseen():
                 for g in gs:
                     for m, rec in enumerate(groups[g].modules):
-                        saved.append(_install(modules[g][m], rec, temps[g], plan.alias_keys[g][m]))
+                        saved.append(_install(modules[g][m], rec, temps[g], plan.alias_keys[g][m],
+                                              plan.live_storages))
                 ops.batched_copy_(dsts, srcs)  # into the temporaries: the live model untouched
                 for g, e in loaded:
                     entry = groups[g].entries[e]
@@ -616,6 +677,13 @@ class Replay:
                         elif new is not kernel:
                             live.append(kernel)
                             results.append(new)
+            for s in saved:
+                copies, values, refused = s.changes()
+                problems.update(refused)
+                live += [old for old, _ in copies]
+                results += [new for _, new in copies]
+                if values:
+                    attributes.append((s.module, values))
         finally:
             for s in saved:
                 s.restore()
@@ -626,6 +694,8 @@ class Replay:
         except RuntimeError as error:
             raise self.fail(processed={groups[g].name: f"its results could not be copied: {error}"
                                        for g in gs}) from None
+        for module, values in attributes:
+            module.__dict__.update(values)
         self.calls += 1 + bool(dsts)
         self.tensors += sum(len(groups[g].entries) for g in gs)
         written = sum(t.numel() * t.element_size() for t in live)

@@ -2,6 +2,7 @@
 the live kernel tensors, which keep their objects, pointers and persistence."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -475,3 +476,74 @@ def test_units_are_replayed_in_batches_of_the_budget(batch_bytes, calls):
     report = reload_layerwise(model, new, batch_bytes=batch_bytes)
     assert report.batched_copy_calls == calls
     assert_same_state(model, built(Net, new, recorded=False))
+
+
+class WithState(nn.Module):
+    """Processing that leaves plain attributes: a Python number, a tensor that is not
+    registered (kernels may hold its address), and a view of its weight."""
+
+    bad = None  # what the next processing does wrong
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+    def process_weights_after_loading(self):
+        self.max_abs = float(self.weight.abs().max())
+        if "lut" in self.__dict__:
+            self.lut.copy_(self.weight.sum(dim=0))  # in place, as a kernel's workspace
+        else:
+            self.lut = self.weight.sum(dim=0)
+        self.weight_t = self.weight.t()  # a view: the live one views the live weight
+        if self.bad == "new tensor":
+            self.extra = torch.ones(2)
+        elif self.bad == "list":
+            self.parts = [self.weight[:2], self.weight[2:]]
+        elif self.bad == "shape":
+            self.lut = torch.zeros(5)
+        elif self.bad == "not a tensor":
+            self.lut = 3
+
+
+def with_state(bad=None):
+    model = nn.Module()
+    model.a = WithState()
+    model.b = WithState()
+    fastreload.record(model)
+    model.load_state_dict({"a.weight": torch.ones(4, 4), "b.weight": torch.ones(4, 4)})
+    for m in (model.a, model.b):
+        m.process_weights_after_loading()
+    model.a.bad = bad
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mapping", "stream"])
+def test_plain_attributes_left_by_processing_reach_the_live_module(kind, tmp_path):
+    model = with_state()
+    lut, weight_t, pointer = model.a.lut, model.a.weight_t, model.a.lut.data_ptr()
+    new = {"a.weight": torch.arange(16.0).view(4, 4), "b.weight": torch.full((4, 4), -2.0)}
+    reload_layerwise(model, as_source(kind, new, tmp_path))
+    assert model.a.max_abs == 15.0 and model.b.max_abs == 2.0
+    assert model.a.lut is lut and model.a.lut.data_ptr() == pointer
+    assert torch.equal(lut, new["a.weight"].sum(dim=0))
+    assert model.a.weight_t is weight_t and torch.equal(weight_t, new["a.weight"].t())
+    assert torch.equal(model.b.lut, torch.full((4,), -8.0))
+
+
+@pytest.mark.parametrize("bad, name, match", [
+    ("new tensor", "a.extra", "plain attribute to a tensor"),
+    ("list", "a.parts", "list holding tensors"),
+    ("shape", "a.lut", r"shape \(5,\)"),
+    ("not a tensor", "a.lut", "replaced a tensor attribute with a int"),
+])
+def test_plain_attributes_that_cannot_be_written_in_place_are_refused(bad, name, match):
+    model = with_state(bad)
+    before = {m: (model.get_submodule(m).lut.clone(), model.get_submodule(m).max_abs) for m in ("a", "b")}
+    with pytest.raises(ReloadError, match=re.escape(name) + ".*" + match) as error:
+        reload_layerwise(model, {"a.weight": torch.full((4, 4), 7.0), "b.weight": torch.full((4, 4), 7.0)},
+                         batch_bytes=2**20)  # both units in one batch: neither is written
+    assert list(error.value.processed) == [name]
+    for m, (lut, max_abs) in before.items():
+        module = model.get_submodule(m)
+        assert torch.equal(module.lut, lut) and module.max_abs == max_abs
+        assert torch.equal(module.weight, torch.ones(4, 4))

@@ -50,17 +50,11 @@ def _copy(model, source, strict, batch_bytes, replay_batch_bytes, on_written) ->
     return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, replay_batch_bytes, on_written)
 
 
-def _regions(layout: Layout, source, replay: ReplayPlan | None = None):
+def _regions(layout: Layout, source):
     """The region targets a rename gave, checked against the layout; None if none."""
     regions = getattr(source, "regions", None)
     if not regions:
         return None
-    if replay is not None:
-        refused = [t.name for t, _ in regions if t.name in replay.index]
-        if refused:
-            raise ReloadError(regions={name: (
-                "a region of a recorded (replayed) module's checkpoint tensor: not supported; "
-                "assemble the full checkpoint tensor before the reload") for name in refused})
     return assemble_regions(layout, regions, source.original)
 
 
@@ -76,12 +70,16 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, repla
         return ReloadError(**problems, written_layers=written, unwritten_layers=unwritten + direct_units)
 
     session = Replay(replay, model, batch_bytes=replay_batch_bytes, on_written=on_written, fail=fail)
-    found = session.check_mapping(source)
-    if not strict:
-        found["missing"] = []
     index, ignored = replay.index, replay.ignored
+    regions = getattr(source, "regions", None) or []
+    found = session.check_mapping(source, [(t, n) for t, n in regions if t.name in index])
+    if strict:
+        found["regions"].update(session.uncovered())
+    else:
+        found["missing"] = []
     direct = {k: v for k, v in source.items() if k not in index and k not in ignored}
-    regions = _regions(plan.layout, source, replay)
+    regions = [(t, n) for t, n in regions if t.name not in index]
+    regions = assemble_regions(plan.layout, regions, source.original) if regions else None
     try:
         work = resolve(plan, direct, strict=strict, regions=regions)
         if work.dsts:
@@ -91,7 +89,8 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, repla
             missing=list(error.missing) + found["missing"], unexpected=error.unexpected,
             mismatched={**error.mismatched, **found["mismatched"]}, uninitialized=error.uninitialized,
             conflicts=list(error.conflicts) + found["conflicts"], overlapping=error.overlapping,
-            duplicates=error.duplicates, regions=error.regions) from None
+            duplicates=list(error.duplicates) + found["duplicates"], regions={**error.regions, **found["regions"]}
+        ) from None
     if any(found.values()):
         raise ReloadError(**found)
     session.flush()
@@ -243,7 +242,7 @@ def reload_layerwise(
                 replayed = custom_loaded = ()
                 if session is not None:
                     done = replace(done, tensors=done.tensors + session.tensors,
-                                   bytes=done.bytes + session.bytes,
+                                   bytes=done.bytes + session.bytes, regions=done.regions + session.regions,
                                    layers=done.layers + len(session.written),
                                    missing=tuple(session.missing()) + done.missing)
                     calls += session.calls

@@ -32,6 +32,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, Unit, is_uninitialized, registrations_unseen, same_memory_key, split_entries, walk
 from fastreload.plan import same_values
+from fastreload.regions import Pieces, RegionProblem, Target, region_views
 
 __all__ = ["Recording", "Replay", "ReplayPlan", "record", "recording_of", "replay_plan"]
 
@@ -504,11 +505,13 @@ class Replay:
         self.written: list[int] = []
         self.held_bytes = 0  # of taken tensors not yet replayed, as a stream's max_held_bytes counts
         self.held = [0] * len(groups)  # the same, per group
-        self.tensors = self.bytes = self.calls = 0
+        self.tensors = self.bytes = self.calls = self.regions = 0
         self.custom_loaded: list[str] = []
         # The temporaries' memory, per device, reused batch after batch (freed with the
         # session): allocating it afresh for each batch costs page faults on the host.
         self.buffers: dict[torch.device, torch.Tensor] = {}
+        self.pieces: dict[tuple[int, int], Pieces] = {}  # (group, entry) -> regions so far, until complete
+        self.regioned: set[int] = set()  # groups with an entry given in regions
 
     # -- names
 
@@ -521,6 +524,8 @@ class Replay:
         if values is None:
             values = self.values[g] = [None] * len(self.plan.groups[g].entries)
         first = values[e]
+        if isinstance(first, Pieces) or (g, e) in self.pieces:
+            raise self.fail(regions={entry.name: "given both whole and in regions"})
         if first is not None:  # a tied second name: it must say what the first one said
             if not same_values(first, tensor):
                 raise self.fail(conflicts=[name])
@@ -529,7 +534,9 @@ class Replay:
         if problem is not None:
             raise self.fail(mismatched={name: problem})
         values[e] = tensor
-        nbytes = tensor.numel() * tensor.element_size()
+        self._arrived(g, tensor.numel() * tensor.element_size(), flush)
+
+    def _arrived(self, g: int, nbytes: int, flush: bool) -> None:
         self.held[g] += nbytes
         self.held_bytes += nbytes
         self.remaining[g] -= 1
@@ -539,11 +546,56 @@ class Replay:
             if flush and self.ready_bytes >= self.batch_bytes:
                 self.flush()
 
-    def check_mapping(self, source: Mapping[str, torch.Tensor]) -> dict:
-        """Takes every checkpoint name of a mapping, writing nothing; returns the
-        problems found, by ReloadError field (missing: leading names never given)."""
-        if self._take_all(source):
-            return {"missing": [], "mismatched": {}, "conflicts": []}
+    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor, *, flush: bool = True) -> None:
+        """A source tensor (or its shard) for a region of a checkpoint tensor
+        (target.name in plan.index): the entry arrives when its regions cover it
+        exactly. Raises fail(...) for a region that does not fit."""
+        g, e = self.plan.index[target.name]
+        entry = self.plan.groups[g].entries[e]
+        if entry.loader is not None:
+            raise self.fail(regions={f"{target.name} <- {source_name}": (
+                "a region of a tensor loaded by its weight_loader: give the whole tensor")})
+        values = self.values[g]
+        if values is None:
+            values = self.values[g] = [None] * len(self.plan.groups[g].entries)
+        complete = values[e]
+        if complete is not None and not isinstance(complete, Pieces):
+            raise self.fail(regions={entry.name: "given both whole and in regions"})
+        pieces = complete or self.pieces.setdefault((g, e), Pieces(entry.name, 0))
+        shape = torch.empty(entry.shape, dtype=entry.dtype, device="meta")  # the temporary, to come
+        try:
+            dv, sv, covered, label = region_views(target, shape, tensor)
+            problem = _source_problem(replace(entry, shape=tuple(sv.shape)), sv)
+            if problem is not None:
+                raise RegionProblem(problem)
+            pieces.add(dv, sv, covered, label, tensor, shape)
+        except RegionProblem as problem:
+            raise self.fail(regions={f"{target.name} <- {source_name}": str(problem)}) from None
+        except KeyError as repeated:
+            raise self.fail(duplicates=[repeated.args[0]]) from None
+        if pieces.complete:  # (a complete one refused the region above)
+            del self.pieces[g, e]
+            values[e] = pieces
+            self.regioned.add(g)
+            self._arrived(g, pieces.held_bytes, flush)
+
+    def check_mapping(self, source: Mapping[str, torch.Tensor], regions=()) -> dict:
+        """Takes every checkpoint name of a mapping, and the (Target, source name)
+        regions aimed at checkpoint tensors, writing nothing; returns the problems
+        found, by ReloadError field (missing: leading names never given)."""
+        if not regions and self._take_all(source):
+            return {"missing": [], "mismatched": {}, "conflicts": [], "regions": {}, "duplicates": []}
+        found_regions, duplicates = {}, []
+        for target, name in regions:
+            tensor = source.original(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"source values must be tensors; not so for {[name]}")
+            try:
+                self.take_region(name, target, tensor, flush=False)
+            except ReloadError as error:
+                found_regions.update(error.regions)
+                found_regions.update(error.mismatched)
+                duplicates += error.duplicates
         mismatched, conflicts = {}, []
         for name in self.plan.index:
             tensor = source.get(name)
@@ -556,7 +608,9 @@ class Replay:
             except ReloadError as error:
                 mismatched.update(error.mismatched)
                 conflicts += error.conflicts
-        return {"missing": self.missing(), "mismatched": mismatched, "conflicts": conflicts}
+                found_regions.update(error.regions)
+        return {"missing": self.missing(), "mismatched": mismatched, "conflicts": conflicts,
+                "regions": found_regions, "duplicates": duplicates}
 
     def _take_all(self, source: Mapping[str, torch.Tensor]) -> bool:
         """The common case in a few calls: every leading name there and fitting, tied
@@ -582,6 +636,10 @@ class Replay:
     def missing(self) -> list[str]:
         return [entry.name for g, group in enumerate(self.plan.groups) if self.remaining[g]
                 for e, entry in enumerate(group.entries) if self.values[g] is None or self.values[g][e] is None]
+
+    def uncovered(self) -> dict[str, str]:
+        """Checkpoint tensors given in regions that do not cover them (yet)."""
+        return {pieces.name: pieces.uncovered() for pieces in self.pieces.values()}
 
     def layers(self) -> tuple[list[str], list[str]]:
         """(written, not written) group names."""
@@ -633,19 +691,25 @@ class Replay:
         plan, groups = self.plan, self.plan.groups
         temps = self._temporaries(gs)
         modules = {g: [self.model.get_submodule(m.prefix) for m in groups[g].modules] for g in gs}
-        dsts, srcs, loaded = [], [], []
+        dsts, srcs, loaded, regions = [], [], [], 0
         for g in gs:
             values = self.values[g]
-            if not plan.loaded[g]:
+            if not plan.loaded[g] and g not in self.regioned:
                 dsts += temps[g]
                 srcs += values
                 continue
-            for e in range(len(values)):
+            for e, value in enumerate(values):
                 if e in plan.loaded[g]:
                     loaded.append((g, e))
+                elif isinstance(value, Pieces):
+                    temp = temps[g][e]
+                    for (dim, start, stop, _), source in zip(value.spans, value.srcs):
+                        dsts.append(temp.narrow(dim, start, stop - start) if temp.dim() else temp)
+                        srcs.append(source)
+                    regions += len(value.spans)
                 else:
                     dsts.append(temps[g][e])
-                    srcs.append(values[e])
+                    srcs.append(value)
         live, results, problems = [], [], {}
         attributes: list[tuple[nn.Module, dict]] = []  # plain values processing set, per module
         saved: list[_Saved] = []
@@ -696,6 +760,7 @@ class Replay:
                                        for g in gs}) from None
         for module, values in attributes:
             module.__dict__.update(values)
+        self.regions += regions
         self.calls += 1 + bool(dsts)
         self.tensors += sum(len(groups[g].entries) for g in gs)
         written = sum(t.numel() * t.element_size() for t in live)

@@ -159,10 +159,13 @@ class _Consumer:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"stream item {source_name!r}: expected a tensor, got {type(tensor).__name__}")
         name = target.name
-        if self.replay is not None and name in self.replay.plan.index:
-            raise self.fail(regions={name: (
-                "a region of a recorded (replayed) module's checkpoint tensor: not supported; "
-                "assemble the full checkpoint tensor before the reload")})
+        replay = self.replay
+        if replay is not None and name in replay.plan.index:
+            replay.take_region(source_name, target, tensor, flush=False)
+            self.hold(_nbytes(tensor))
+            if replay.ready_bytes >= replay.batch_bytes:
+                replay.flush()
+            return
         index = self.layout.target_index.get(name)
         if index is None:
             self.unknown(name)
@@ -253,6 +256,8 @@ class _Consumer:
             missing = replay.missing() + missing
         if missing and self.strict:
             uncovered = {p.name: p.uncovered() for i, p in self.pieces.items() if i not in self.pending}
+            if replay is not None:
+                uncovered.update(replay.uncovered())
             raise self.fail(missing=missing, regions=uncovered)  # before the last batch: it stays unwritten
         if replay is not None:
             replay.flush()  # complete units; with strict=False, incomplete ones keep their weights
@@ -269,7 +274,8 @@ class _Consumer:
         return StreamResult(self.tensors + replay.tensors, self.bytes + replay.bytes,
                             layers + len(replay.written), self.calls + replay.calls, self.bytes_read,
                             self.peak_held_bytes, tuple(missing), tuple(self.unexpected),
-                            self.renamed, replay.replayed, tuple(replay.custom_loaded), self.regions)
+                            self.renamed, replay.replayed, tuple(replay.custom_loaded),
+                            self.regions + replay.regions)
 
 
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,

@@ -220,13 +220,108 @@ class Processed(nn.Linear):
         self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
 
 
-def test_regions_of_a_replayed_units_checkpoint_tensor_refused():
+class QuantizedQKV(nn.Module):
+    """A tensor-parallel rank's fused QKV projection, quantized after loading: its
+    checkpoint format is the fused, sharded bf16 weight; its kernel format an fp8
+    weight with per-row scales."""
+
+    def __init__(self, rows=Q + K + V, hidden=HIDDEN):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, hidden, dtype=torch.bfloat16), requires_grad=False)
+
+    def process_weights_after_loading(self):
+        w = self.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-6) / 448
+        self.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+
+def quantized_qkv_model(rank=None):
+    """Rank `rank` of 2 (columns of the hidden dim split), or the whole model."""
     model = nn.Module()
-    model.qkv_proj = Processed(HIDDEN, Q + K + V, bias=False)
+    model.qkv_proj = QuantizedQKV(hidden=HIDDEN if rank is None else HIDDEN // 2)
     fastreload.record(model)
     model.qkv_proj.process_weights_after_loading()
-    error = refused(model, checkpoint(), fused_rename)
-    assert "replayed" in error.regions["qkv_proj.weight"]
+    return model
+
+
+def rank_rename(rank):
+    def rename(name):
+        target = fused_rename(name)
+        return Target(target.name, start=target.start, shard=(rank, 2), shard_dim=1)
+    return rename
+
+
+def expected_qkv(weight):
+    reference = QuantizedQKV(*weight.shape)
+    reference.weight.data.copy_(weight)
+    reference.process_weights_after_loading()
+    return reference
+
+
+@pytest.mark.parametrize("kind", ["mapping", "stream", "safetensors"])
+@pytest.mark.parametrize("rank", [None, 0, 1])
+def test_regions_of_a_replayed_units_checkpoint_tensor(kind, rank, tmp_path):
+    model = quantized_qkv_model(rank)
+    state = {k: v for k, v in checkpoint().items() if not k.startswith("o_proj")}
+    before = snapshot(model)
+    source = state
+    if kind == "stream":
+        source = stream(state, ["v_proj.weight", "q_proj.weight", "k_proj.weight"])
+    elif kind == "safetensors":
+        save_file(state, str(tmp_path / "model.safetensors"))
+        source = str(tmp_path / "model.safetensors")
+    report = reload_layerwise(model, source, rename=fused_rename if rank is None else rank_rename(rank))
+    weight = fused(state)
+    if rank is not None:
+        weight = weight.chunk(2, dim=1)[rank]
+    reference = expected_qkv(weight.bfloat16())
+    assert torch.equal(model.qkv_proj.weight.float(), reference.weight.float())
+    assert torch.equal(model.qkv_proj.weight_scale, reference.weight_scale)
+    assert report.replayed == ("qkv_proj",) and report.regions == 3 and report.tensors == 1
+    after = snapshot(model)
+    for name, (obj, ptr, _) in before.items():
+        assert after[name][0] is obj and after[name][1] == ptr, name
+
+
+@pytest.mark.parametrize("case, field", [
+    ("uncovered", "regions"), ("overlap", "regions"), ("whole too", "regions"), ("twice", "duplicates"),
+    ("shape", "regions"), ("dtype", "regions"),
+])
+@pytest.mark.parametrize("kind", ["mapping", "stream"])
+def test_regions_of_a_replayed_unit_that_do_not_fit_are_refused(case, field, kind):
+    model = quantized_qkv_model()
+    state = {k: v for k, v in checkpoint().items() if not k.startswith("o_proj")}
+    rename = fused_rename
+    items = list(state.items())
+    if case == "uncovered":
+        items = items[:2]
+    elif case == "overlap":
+        rename = lambda n: Target("qkv_proj.weight", start=1) if n == "k_proj.weight" else fused_rename(n)  # noqa: E731
+    elif case == "whole too":
+        items.append(("qkv_proj.weight", fused(state)))
+    elif case == "twice":
+        items.append(("again", state["k_proj.weight"]))
+        rename = lambda n: fused_rename("k_proj.weight" if n == "again" else n)  # noqa: E731
+    elif case == "shape":
+        items[1] = ("k_proj.weight", torch.randn(K, HIDDEN + 1))
+    elif case == "dtype":
+        items[1] = ("k_proj.weight", torch.ones(K, HIDDEN, dtype=torch.int32))
+    before = snapshot(model)
+    source = dict(items) if kind == "mapping" else iter(items)
+    with pytest.raises(ReloadError) as error:
+        reload_layerwise(model, source, rename=rename)
+    assert getattr(error.value, field), error.value
+    assert_untouched(model, before)
+
+
+def test_regions_that_leave_a_replayed_tensor_uncovered_keep_its_unit_when_not_strict():
+    model = quantized_qkv_model()
+    state = {k: v for k, v in checkpoint().items() if k.startswith(("q_proj", "k_proj"))}
+    before = snapshot(model)
+    report = reload_layerwise(model, state, rename=fused_rename, strict=False)
+    assert report.skipped["missing"] == ("qkv_proj.weight",) and report.replayed == ()
+    assert_untouched(model, before)
 
 
 def test_regions_beside_a_replayed_unit():
@@ -292,15 +387,6 @@ def test_stream_overlap_duplicate_and_whole_refused():
     items = [("q_proj.weight", state["q_proj.weight"]), ("qkv_proj.weight", fused(state))]
     error = refused(Attention(), iter(items), fused_rename)
     assert "both whole and in regions" in error.regions["qkv_proj.weight"]
-
-
-def test_stream_region_of_a_replayed_unit_refused():
-    model = nn.Module()
-    model.qkv_proj = Processed(HIDDEN, Q + K + V, bias=False)
-    fastreload.record(model)
-    model.qkv_proj.process_weights_after_loading()
-    error = refused(model, stream(checkpoint()), fused_rename)
-    assert "replayed" in error.regions["qkv_proj.weight"]
 
 
 def test_region_aimed_at_an_alias_buffer_is_ignored():

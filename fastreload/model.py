@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -200,14 +201,14 @@ def build_layout(model: nn.Module) -> Layout:
 # Bumped whenever any module registers a parameter, buffer or submodule: a cheap,
 # global signal that some model's structure may have changed.
 _generation = 0
-_paused = 0
+_paused = threading.local()  # .depth: registrations_unseen() blocks entered by this thread
 _hooks_installed = False
 _layouts: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
 
 
 def _bump(*_args) -> None:
     global _generation
-    if not _paused:
+    if not getattr(_paused, "depth", 0):
         _generation += 1
 
 
@@ -215,14 +216,13 @@ def _bump(*_args) -> None:
 def registrations_unseen():
     """Registrations inside are not taken for model changes: for code that puts back
     exactly the objects it found (a replayed unit's temporaries), so that the cached
-    layout stays valid. Single-threaded: a registration by another thread meanwhile
-    would be missed too."""
-    global _paused
-    _paused += 1
+    layout stays valid. Only this thread's registrations are paused: another
+    thread's, meanwhile, still count."""
+    _paused.depth = getattr(_paused, "depth", 0) + 1
     try:
         yield
     finally:
-        _paused -= 1
+        _paused.depth -= 1
 
 
 def _install_hooks() -> None:

@@ -547,3 +547,18 @@ def test_plain_attributes_that_cannot_be_written_in_place_are_refused(bad, name,
         module = model.get_submodule(m)
         assert torch.equal(module.lut, lut) and module.max_abs == max_abs
         assert torch.equal(module.weight, torch.ones(4, 4))
+
+
+def test_a_registration_in_another_thread_during_a_replay_is_seen():
+    import threading
+
+    from fastreload.model import registrations_unseen
+
+    model = built(Net, checkpoint(Net()))
+    layout = layout_of(model)
+    other = nn.Linear(2, 2)
+    with registrations_unseen():  # what a replay holds while it installs temporaries
+        worker = threading.Thread(target=other.register_buffer, args=("extra", torch.zeros(1)))
+        worker.start()
+        worker.join()
+    assert layout_of(model) is not layout  # the other thread's registration counts

@@ -138,11 +138,14 @@ PairFacts source_facts(const DestinationFacts& df, const at::Tensor& d, const at
   const void* s_data = data_of(s);
   f.src = span_of(s, i, s_data);
   const bool same_strides = d.strides() == s.strides();
+  // A conjugate or negative bit (a lazy view) changes what the bytes mean: such
+  // pairs go to Tensor::copy_, which resolves them.
+  const bool plain_bits = !d.is_conj() && !d.is_neg() && !s.is_conj() && !s.is_neg();
   f.noop = df.span.lo != 0 && df.span.lo == reinterpret_cast<uintptr_t>(s_data) &&
-           d_type == s_type && same_strides;
+           d_type == s_type && same_strides && d.is_conj() == s.is_conj() && d.is_neg() == s.is_neg();
   // Dense tensors whose strides agree on every dimension of more than one element
   // store their elements in the same order: one flat copy serves them.
-  f.fused = df.dense && s.is_non_overlapping_and_dense();
+  f.fused = plain_bits && df.dense && s.is_non_overlapping_and_dense();
   for (int64_t k = 0; f.fused && !same_strides && k < d.dim(); ++k) {
     f.fused = d.size(k) <= 1 || d.stride(k) == s.stride(k);
   }
@@ -228,41 +231,57 @@ bool Destinations::overlaps_other(at::TensorList dst, const at::Tensor& src, con
 
 namespace {
 
-// Calls put(value) for every value of t's fingerprint, stopping early when put says so.
-template <typename Put>
-bool put_fingerprint(const at::Tensor& t, Put put) {
-  const int64_t kind = static_cast<int64_t>(t.scalar_type()) << 32 |
-                       static_cast<int64_t>(t.device().type()) << 8 |
-                       static_cast<uint8_t>(t.device().index());
-  if (!put(reinterpret_cast<int64_t>(data_of(t))) || !put(kind) || !put(t.dim())) return false;
-  for (const int64_t size : t.sizes()) {
-    if (!put(size)) return false;
-  }
-  for (const int64_t stride : t.strides()) {
-    if (!put(stride)) return false;
-  }
-  return true;
+// What a fingerprint holds besides sizes and strides: dtype, device, lazy bits.
+int64_t kind_of(const c10::TensorImpl* impl) {
+  const at::Device device = impl->device();
+  return static_cast<int64_t>(c10::typeMetaToScalarType(impl->dtype())) << 32 |
+         static_cast<int64_t>(impl->is_conj()) << 25 |
+         static_cast<int64_t>(impl->is_neg()) << 24 | static_cast<int64_t>(device.type()) << 8 |
+         static_cast<uint8_t>(device.index());
 }
 
 }  // namespace
 
+// Per tensor: data address, kind, dim, then its sizes and its strides.
 Fingerprints::Fingerprints(at::TensorList tensors) {
   values_.reserve(tensors.size() * 7);
   starts_.reserve(tensors.size() + 1);
   for (const at::Tensor& t : tensors) {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     starts_.push_back(values_.size());
-    put_fingerprint(t, [&](int64_t v) {
-      values_.push_back(v);
-      return true;
-    });
+    values_.push_back(reinterpret_cast<int64_t>(data_of(t)));
+    values_.push_back(kind_of(impl));
+    values_.push_back(impl->dim());
+    const auto sizes = impl->sizes();
+    const auto strides = impl->strides();
+    values_.insert(values_.end(), sizes.begin(), sizes.end());
+    values_.insert(values_.end(), strides.begin(), strides.end());
   }
   starts_.push_back(values_.size());
 }
 
 bool Fingerprints::matches(size_t i, const at::Tensor& t) const {
-  size_t next = starts_[i];
-  const size_t end = starts_[i + 1];
-  return put_fingerprint(t, [&](int64_t v) { return next < end && values_[next++] == v; }) && next == end;
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const int64_t* v = values_.data() + starts_[i];
+  const int64_t dim = impl->dim();
+  if (static_cast<int64_t>(starts_[i + 1] - starts_[i]) != 3 + 2 * dim || v[2] != dim ||
+      v[0] != reinterpret_cast<int64_t>(data_of(t)) || v[1] != kind_of(impl)) {
+    return false;
+  }
+  const auto sizes = impl->sizes();
+  const auto strides = impl->strides();
+  return std::equal(sizes.begin(), sizes.end(), v + 3) && std::equal(strides.begin(), strides.end(), v + 3 + dim);
+}
+
+bool Fingerprints::all_match(at::TensorList tensors) const {
+  if (tensors.size() + 1 != starts_.size()) return false;
+  std::atomic<bool> all{true};
+  at::parallel_for(0, static_cast<int64_t>(tensors.size()), kPairsPerTask, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi && all.load(std::memory_order_relaxed); ++i) {
+      if (!matches(i, tensors[i])) all = false;
+    }
+  });
+  return all;
 }
 
 std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList dst, at::TensorList src,

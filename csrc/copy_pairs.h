@@ -67,13 +67,15 @@ class Destinations {
   std::vector<uintptr_t> max_hi_;   // running maximum of sorted_ ends
 };
 
-// What Destinations rest on, per tensor: data address, dtype and device, sizes
-// and strides. While every tensor matches its fingerprint, the Destinations read
-// with them still hold.
+// What the checks and descriptors of a tensor rest on: data address, dtype,
+// device, conjugate and negative bits, sizes and strides. While every tensor
+// matches its fingerprint, what was found about them still holds.
 class Fingerprints {
  public:
   explicit Fingerprints(at::TensorList tensors);
   bool matches(size_t i, const at::Tensor& t) const;
+  // As many tensors as fingerprinted, each matching its own (one parallel pass).
+  bool all_match(at::TensorList tensors) const;
 
  private:
   std::vector<int64_t> values_;

@@ -809,6 +809,42 @@ def test_bound_copy_follows_destinations_that_change():
     assert torch.equal(p, torch.zeros(3))
 
 
+def test_bound_copy_checks_sources_again_whenever_they_change():
+    # An accepted call's checks are reused while the same sources come back: each
+    # test here changes what those checks rested on, and must be seen.
+    p, q = torch.zeros(4), torch.zeros(6)
+    bound = ops.BoundCopy([p, q], [1, 2])
+    a, b = torch.ones(4), torch.ones(6)
+    assert bound((a, b)) is None
+    a.fill_(2.0)  # new values in the same tensors: copied, not remembered
+    assert bound((a, b)) is None and torch.equal(p, torch.full((4,), 2.0))
+    # Another source, now a view of a destination: refused, nothing written.
+    assert bound((q[:4], b)).tolist() == [PairProblem.SOURCE_OVERLAP, PairProblem.NONE]
+    assert torch.equal(p, torch.full((4,), 2.0)) and torch.equal(q, torch.ones(6))
+    # The same source object given another storage, then another shape.
+    a.data = torch.full((4,), 3.0)
+    assert bound((a, b)) is None and torch.equal(p, torch.full((4,), 3.0))
+    a.data = torch.ones(5)
+    assert bound((a, b)).tolist() == [PairProblem.SHAPE, PairProblem.NONE]
+    # The same bytes seen through a negative view: the sign is applied.
+    z = torch.randn(4, dtype=torch.complex64)
+    real = torch.zeros(4, 2)
+    bound = ops.BoundCopy([real, p], [2])
+    assert bound((torch.view_as_real(z), torch.ones(4))) is None
+    assert bound((torch.view_as_real(z.conj().resolve_conj()), z.conj().imag)) is None
+    assert torch.equal(p, -z.imag) and torch.equal(real, torch.view_as_real(z.conj().resolve_conj()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bound_copy_of_lazy_conjugates_matches_copy(device):
+    z = random_values((6,), torch.complex64, gen(), device)
+    dst = torch.zeros(6, dtype=torch.complex64, device=device)
+    bound = ops.BoundCopy([dst], [1])
+    for source in (z, z.conj(), z, z.conj()):  # one address, the conjugate bit on and off
+        assert bound((source,)) is None
+        assert torch.equal(bits(dst), bits(torch.empty_like(dst).copy_(source)))
+
+
 def test_bound_copy_bad_arguments():
     dsts = [torch.zeros(2), torch.zeros(3)]
     bound = ops.BoundCopy(dsts, [2])

@@ -137,6 +137,25 @@ def assemble_regions(layout: Layout, regions, get) -> Regions:
     return found
 
 
+def _every_target(plan: Plan, fetched: tuple) -> Work:
+    # The common case, a source holding exactly the leading names (that the values
+    # are tensors, the bound copy checks as it reads them).
+    return Work(plan, plan.dsts, fetched, plan.leading, None, len(fetched), plan.total_bytes,
+                len(plan.layout.units))
+
+
+def resolve_exactly(plan: Plan, source: Mapping[str, torch.Tensor], others: int) -> Work | None:
+    """The common case in one lookup: the source holds every leading name and
+    `others` names more, known to be taken elsewhere (by a replay). None otherwise:
+    then resolve() the source without those others."""
+    if len(source) != len(plan.leading) + others:
+        return None
+    try:
+        return _every_target(plan, plan.fetch_leading(source) if plan.leading else ())
+    except KeyError:
+        return None
+
+
 def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
             regions: Regions | None = None) -> Work:
     """Pairs every target with its source tensor and checks the names: raises
@@ -150,11 +169,8 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
         fetched = plan.fetch_leading(source) if plan.leading else ()
     except KeyError:
         fetched = None
-    # The common case, a source holding exactly the leading names (that the values
-    # are tensors, the bound copy checks as it reads them).
     if fetched is not None and len(source) == len(plan.leading) and regions is None:
-        return Work(plan, plan.dsts, fetched, plan.leading, None, len(fetched), plan.total_bytes,
-                    len(layout.units))
+        return _every_target(plan, fetched)
 
     values: list[torch.Tensor | None]
     values = list(fetched) if fetched is not None else [source.get(n) for n in plan.leading]

@@ -16,7 +16,7 @@ from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
 from fastreload.names import Renamed, detect_wrappers, renamer
 from fastreload.plan import (StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
-                             resolve)
+                             resolve, resolve_exactly)
 from fastreload.regions import Target
 from fastreload.replay import Replay, ReplayPlan, replay_plan
 from fastreload.report import ReloadReport
@@ -77,11 +77,15 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, repla
         found["regions"].update(session.uncovered())
     else:
         found["missing"] = []
-    direct = {k: v for k, v in source.items() if k not in index and k not in ignored}
     regions = [(t, n) for t, n in regions if t.name not in index]
     regions = assemble_regions(plan.layout, regions, source.original) if regions else None
+    work = None
+    if session.names_taken is not None and regions is None:
+        work = resolve_exactly(plan, source, session.names_taken + sum(n in source for n in ignored))
     try:
-        work = resolve(plan, direct, strict=strict, regions=regions)
+        if work is None:
+            direct = {k: v for k, v in source.items() if k not in index and k not in ignored}
+            work = resolve(plan, direct, strict=strict, regions=regions)
         if work.dsts:
             check_pairs(work)  # the replayed units are written first: nothing after them may fail
     except ReloadError as error:

@@ -512,6 +512,7 @@ class Replay:
         self.buffers: dict[torch.device, torch.Tensor] = {}
         self.pieces: dict[tuple[int, int], Pieces] = {}  # (group, entry) -> regions so far, until complete
         self.regioned: set[int] = set()  # groups with an entry given in regions
+        self.names_taken: int | None = None  # by check_mapping's common case: how many source names
 
     # -- names
 
@@ -622,15 +623,18 @@ class Replay:
             return False
         if not plan.tensors.fits(found):
             return False
+        seconds = 0
         for name, i in plan.tied:
             second = source.get(name)
             if second is not None and not (isinstance(second, torch.Tensor) and same_values(found[i], second)):
                 return False
+            seconds += second is not None
         starts = plan.starts
         self.values = [list(found[starts[g]:starts[g + 1]]) for g in range(len(plan.groups))]
         self.remaining = [0] * len(plan.groups)
         self.ready = list(range(len(plan.groups)))
         self.ready_bytes = sum(plan.group_bytes)
+        self.names_taken = len(found) + seconds
         return True
 
     def missing(self) -> list[str]:

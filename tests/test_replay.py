@@ -562,3 +562,14 @@ def test_a_registration_in_another_thread_during_a_replay_is_seen():
         worker.start()
         worker.join()
     assert layout_of(model) is not layout  # the other thread's registration counts
+
+
+def test_an_unknown_name_in_place_of_a_direct_one_is_caught_with_the_replay():
+    model = built(Net, checkpoint(Net()))
+    new = checkpoint(Net(), seed=1)
+    new["norm.bais"] = new.pop("norm.bias")  # as many names as expected, one of them wrong
+    before = snapshot(model)
+    with pytest.raises(ReloadError) as error:
+        reload_layerwise(model, new)
+    assert error.value.missing == ("norm.bias",) and error.value.unexpected == ("norm.bais",)
+    assert_untouched(model, before)

@@ -5,6 +5,7 @@
     python benchmarks/reload_moe.py --source-dtype fp32      # include a dtype conversion
     python benchmarks/reload_moe.py --preset deepseek-v3 --scale 1 --layers 61 --device cuda  # real sizes
     python benchmarks/reload_moe.py --json results.json --plot results.png
+    python benchmarks/reload_moe.py --processed              # post-load processing replayed (reload_processed.py)
 
 The presets (presets.py) have the tensor names, counts, relative shapes and dtypes of
 Qwen3-30B-A3B, DeepSeek-V3 (bf16 and fp8), Mixtral-8x7B and Nemotron-3-Nano (a
@@ -628,6 +629,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None, str |
                    help="fastreload's fused batch budget for the stream")
     p.add_argument("--json", metavar="PATH", help="also write every sample, the config and the machine here")
     p.add_argument("--plot", metavar="PATH", help="also sweep the depth and draw GB/s against tensors (PNG)")
+    p.add_argument("--processed", action="store_true",
+                   help="the processed variant instead (issue 5): expert weights fused after loading and "
+                        "replayed through fastreload.record(), against a per-tensor replay; runs "
+                        "reload_processed.py with --layers, --repeats, --warmup, --batch-bytes and --json")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0:
         p.error("--repeats must be at least 1 and --warmup at least 0")
@@ -646,7 +651,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None, str |
     return cfg, a.json, a.plot
 
 
+# The processed variant (issue 5): Qwen3-30B-A3B's MoE with each layer's experts fused
+# after loading, replayed through fastreload.record(); reload_processed.py runs it.
+PROCESSED_OPTIONS = ("--layers", "--repeats", "--warmup", "--batch-bytes", "--json")
+
+
+def run_processed(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="reload_moe.py --processed",
+                                description="the processed variant: benchmarks/reload_processed.py on the "
+                                            "qwen3-30b-a3b layout; these options are passed on")
+    p.add_argument("--processed", action="store_true")
+    p.add_argument("--preset", choices=["qwen3-30b-a3b"], default="qwen3-30b-a3b")
+    for option in PROCESSED_OPTIONS:
+        p.add_argument(option)
+    a = vars(p.parse_args(argv))
+    import reload_processed
+    reload_processed.main([arg for option in PROCESSED_OPTIONS
+                           if a[option[2:].replace("-", "_")] is not None
+                           for arg in (option, a[option[2:].replace("-", "_")])])
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--processed" in argv:
+        run_processed(argv)
+        return
     cfg, json_path, plot_path = parse_args(argv)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -22,3 +22,12 @@ def test_reload_processed_benchmark_runs_and_verifies(tmp_path, monkeypatch, cap
     printed = capsys.readouterr().out
     assert "issue-5 target: >= 2x faster than the per-tensor reference:" in printed
     assert "peak extra <= batch_bytes + largest unit:" in printed
+
+
+def test_reload_moe_runs_the_processed_variant(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    namespace = runpy.run_path(str(BENCHMARKS / "reload_moe.py"))
+    out = tmp_path / "out.json"
+    namespace["main"](["--processed", "--layers", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["verified"] is True and data["processed_units"] == 2

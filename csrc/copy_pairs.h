@@ -27,6 +27,14 @@ enum class PairProblem : int8_t {
   kSourceOverlap = 5,       // src shares bytes with a dst it is not the exact copy of
 };
 
+// Asks for the cache lines a check of t reads: its TensorImpl, then (once that has
+// arrived) its StorageImpl. The passes over tens of thousands of tensors issue these
+// some tensors ahead, so that the misses of several overlap instead of queueing.
+void prefetch_tensor(const at::Tensor& t);
+void prefetch_storage(const at::Tensor& t);
+// How many tensors ahead the passes ask.
+constexpr int64_t kPrefetchAhead = 8;
+
 // Whether batched_copy_ converts `from` into `to`: same dtype, or both floating
 // types it knows (fp64, fp32, fp16, bf16, fp8 e4m3fn and e5m2).
 bool convertible(at::ScalarType from, at::ScalarType to);

@@ -19,8 +19,39 @@ from fastreload.errors import ReloadError
 from fastreload.model import Layout
 from fastreload.regions import Pieces, RegionProblem, region_views
 
-__all__ = ["Plan", "Regions", "StaleLayout", "Work", "assemble_regions", "check_pairs", "plan_for",
+__all__ = ["Fetcher", "Plan", "Regions", "StaleLayout", "Work", "assemble_regions", "check_pairs", "plan_for",
            "raise_not_tensors", "resolve"]
+
+
+def _getter(names: tuple[str, ...]):
+    # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
+    if len(names) == 1:
+        return lambda m: (m[names[0]],)
+    return operator.itemgetter(*names) if names else (lambda m: ())
+
+
+class Fetcher:
+    """source -> the tuple of its values under `names`, in one C-level call.
+
+    A dict read a second time is then read with its own key objects: a lookup
+    whose key is the very object stored in the dict matches by identity, without
+    reading either string, which saves cache misses on every name of a model a
+    server reloads from the same mapping again and again. Lookups stay by
+    equality, so any source gets the right values; only the speed differs."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._by_name = _getter(names)
+        self._source_id: int | None = None  # the last source read (its id only: it is not kept)
+        self._by_key = None  # a getter made of that source's key objects, from its second read on
+
+    def __call__(self, source: Mapping[str, torch.Tensor]) -> tuple:
+        if id(source) != self._source_id:
+            self._source_id, self._by_key = id(source), None
+        elif self._by_key is None and type(source) is dict:
+            own = {k: k for k in source}
+            self._by_key = _getter(tuple(own.get(n, n) for n in self.names))
+        return (self._by_key or self._by_name)(source)
 
 
 @dataclass(frozen=True)
@@ -33,7 +64,7 @@ class Plan:
     total_bytes: int
     leading: tuple[str, ...]
     leading_set: frozenset[str]
-    fetch_leading: operator.itemgetter
+    fetch_leading: Fetcher
     dsts: tuple[torch.Tensor, ...]
     unit_of: tuple[int, ...]  # the layer (index into layout.units) of each target
     # batched_copy_ bound to dsts in these batches: what a reload of every target runs.
@@ -86,11 +117,7 @@ def _make_plan(layout: Layout, batch_bytes: int) -> Plan:
     if start < len(layout.targets):
         batches.append((start, len(layout.targets)))
     leading = tuple(t.name for t in layout.targets)
-    # itemgetter of one name returns the item itself, of several a tuple: keep it a tuple.
-    if len(leading) == 1:
-        fetch = lambda m: (m[leading[0]],)  # noqa: E731
-    else:
-        fetch = operator.itemgetter(*leading) if leading else (lambda m: ())
+    fetch = Fetcher(leading)
     unit_of = tuple(u for u, unit in enumerate(layout.units) for _ in range(unit.start, unit.stop))
     dsts = tuple(t.tensor for t in layout.targets)
     bound = ops.BoundCopy(dsts, [stop for _, stop in batches] or [0])

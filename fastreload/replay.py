@@ -23,7 +23,6 @@ import math
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from operator import itemgetter
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from torch import nn
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, Unit, is_uninitialized, registrations_unseen, same_memory_key, split_entries, walk
-from fastreload.plan import same_values
+from fastreload.plan import Fetcher, same_values
 from fastreload.regions import Pieces, RegionProblem, Target, region_views
 
 __all__ = ["Recording", "Replay", "ReplayPlan", "record", "recording_of", "replay_plan"]
@@ -320,15 +319,9 @@ def _make(model: nn.Module, layout: Layout, recording: Recording) -> ReplayPlan:
         loaded.append(tuple(e for e, entry in enumerate(group.entries) if entry.loader is not None))
     return ReplayPlan(recording, _without(layout, prefixes), index, recording.ignored,
                       tuple(kernels), tuple(alias_keys), tuple(group_bytes), tuple(starts),
-                      _getter(leading), tuple((n, i) for i, entry in enumerate(entries) for n in entry.names[1:]),
+                      Fetcher(tuple(leading)), tuple((n, i) for i, entry in enumerate(entries) for n in entry.names[1:]),
                       tensors, tuple(runs), tuple(attrs), tuple(loaded),
                       frozenset(ops.storage_ptrs(live).tolist()) - {0})
-
-
-def _getter(names: list[str]) -> Callable:
-    if len(names) == 1:
-        return lambda source: (source[names[0]],)
-    return itemgetter(*names)
 
 
 def _without(layout: Layout, prefixes: set[str]) -> Layout:

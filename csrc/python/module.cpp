@@ -49,6 +49,7 @@ class BorrowedSources {
     const Py_ssize_t n = PyTuple_GET_SIZE(tuple_.ptr());
     borrowed_.tensors.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
+      if (i + kPrefetchAhead < n) __builtin_prefetch(PyTuple_GET_ITEM(tuple_.ptr(), i + kPrefetchAhead));
       PyObject* item = PyTuple_GET_ITEM(tuple_.ptr(), i);
       if (!THPVariable_Check(item)) {
         throw py::type_error("BoundCopy: source " + std::to_string(i) + " is a " +

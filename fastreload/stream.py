@@ -70,6 +70,7 @@ class _Consumer:
         self.written_units: list[int] = []
         self.tensors = self.bytes = self.calls = self.bytes_read = self.regions = 0
         self.pieces: dict[int, Pieces] = {}  # regions of destinations received so far
+        self.pieces_pending = 0  # complete Pieces among the pending values
         self.unexpected: list[str] = []
         # Recorded modules: their checkpoint names go to the replay, which writes them.
         self.replay = None if replay is None else Replay(
@@ -88,7 +89,9 @@ class _Consumer:
     def hold(self, nbytes: int) -> None:
         self.bytes_read += nbytes
         held = self.held_bytes + (self.replay.held_bytes if self.replay is not None else 0)
-        self.peak_held_bytes = max(self.peak_held_bytes, held)
+        if held <= self.peak_held_bytes:
+            return  # no more than held before, which was within the cap
+        self.peak_held_bytes = held
         if self.max_held_bytes is not None and held > self.max_held_bytes:
             raise self.fail(held_over=(
                 f"holding {held} bytes of tensors for layers not yet written, over "
@@ -124,9 +127,23 @@ class _Consumer:
         if index is None:
             self.unknown(name)
             return
+        nbytes = tensor.numel() * tensor.element_size()
+        pending = self.pending
+        if index not in pending and index not in self.written_targets and index not in self.pieces:
+            # The common case, kept to a few dict operations: a target's first tensor.
+            pending[index] = tensor
+            self.held_bytes += nbytes
+            self.bytes_read += nbytes
+            if self.held_bytes > self.peak_held_bytes or self.replay is not None:
+                self.hold(0)  # a new peak: checked against the cap
+            unit = self.plan.unit_of[index]
+            self.unit_bytes[unit] += nbytes
+            self.remaining[unit] -= 1
+            if self.remaining[unit] == 0:
+                self.completed(unit)
+            return
         if index in self.pieces:
             raise self.fail(regions={name: "given both whole and in regions"})
-        nbytes = _nbytes(tensor)
         if index in self.pending or index in self.written_targets:
             # A tied second name: it must say what the first one said.
             first = self.pending.get(index)
@@ -137,10 +154,7 @@ class _Consumer:
                 raise self.fail(conflicts=[name])
             self.bytes_read += nbytes
             return
-        self.pending[index] = tensor
-        self.held_bytes += nbytes
-        self.hold(nbytes)
-        self.arrived(index, nbytes)
+        raise AssertionError("unreachable: a first tensor takes the common path")
 
     def unknown(self, name: str) -> None:
         """A name that is no target: ignored (an alias), or refused, or reported."""
@@ -186,6 +200,7 @@ class _Consumer:
         self.hold(nbytes)
         if pieces.complete:
             self.pending[index] = pieces
+            self.pieces_pending += 1
             self.arrived(index, pieces.held_bytes)
 
     def arrived(self, index: int, nbytes: int) -> None:
@@ -193,58 +208,82 @@ class _Consumer:
         self.unit_bytes[unit] += nbytes
         self.remaining[unit] -= 1
         if self.remaining[unit] == 0:
-            self.ready.append(unit)
-            self.ready_bytes += self.unit_bytes[unit]
-            if self.ready_bytes >= self.batch_bytes:
-                self.flush()
+            self.completed(unit)
+
+    def completed(self, unit: int) -> None:
+        self.ready.append(unit)
+        self.ready_bytes += self.unit_bytes[unit]
+        if self.ready_bytes >= self.batch_bytes:
+            self.flush()
 
     def flush(self) -> None:
         if not self.ready:
             return
         units = self.layout.units
-        self.write([i for unit in self.ready for i in range(units[unit].start, units[unit].stop)])
+        if len(self.ready) == len(units):
+            indices = range(len(self.plan.leading))  # every layer at once: in the plan's order
+        else:
+            indices = [i for unit in self.ready for i in range(units[unit].start, units[unit].stop)]
+        self.write(indices, sum(self.unit_bytes[u] for u in self.ready))
         self.written_units += self.ready
         self.ready, self.ready_bytes = [], 0
 
-    def write(self, indices: list[int]) -> None:
+    def write(self, indices, held: int | None = None) -> None:
         """One fused copy; batched_copy_ checks every pair first and refuses the batch
-        whole, so the layers of a refused batch stay unwritten."""
-        dsts, srcs, names = [], [], []
-        held = regions = 0
-        for i in indices:
-            value = self.pending[i]
-            if isinstance(value, Pieces):
-                dsts += value.dsts
-                srcs += value.srcs
-                names += [label for _, _, _, label in value.spans]
-                held += value.held_bytes
-                regions += len(value.dsts)
-            else:
-                dsts.append(self.plan.dsts[i])
-                srcs.append(value)
-                names.append(self.plan.leading[i])
-                held += _nbytes(value)
-        try:
-            ops.batched_copy_(dsts, srcs)
-        except RuntimeError:
+        whole, so the layers of a refused batch stay unwritten. held: the bytes of
+        the sources, when the caller knows them."""
+        pending, plan = self.pending, self.plan
+        regions = 0
+        if len(indices) == len(plan.leading) and not self.pieces_pending:
+            # Every target, none in regions: the plan's bound copy, as for a mapping.
+            srcs = tuple(map(pending.__getitem__, indices))
+            dsts, names = plan.dsts, plan.leading
+            problems = plan.bound(srcs, None)
+            if problems is not None:
+                self._refuse(list(dsts), list(srcs), names, problems)
+                raise AssertionError("the bound copy refused a batch with no pair to name")
+        else:
+            dsts, srcs, names = [], [], []
+            for i in indices:
+                value = pending[i]
+                if isinstance(value, Pieces):
+                    dsts += value.dsts
+                    srcs += value.srcs
+                    names += [label for _, _, _, label in value.spans]
+                    regions += len(value.dsts)
+                else:
+                    dsts.append(plan.dsts[i])
+                    srcs.append(value)
+                    names.append(plan.leading[i])
             try:
-                problems = pair_problems(dsts, srcs, names)
-            except StaleLayout:
-                problems = {name: "shares memory with another model tensor" for name in names}
-            if problems:
-                raise self.fail(mismatched=problems) from None
-            raise
+                ops.batched_copy_(dsts, srcs)
+            except RuntimeError:
+                self._refuse(dsts, srcs, names)
+                raise
+        if held is None:
+            held = sum(pending[i].held_bytes if isinstance(pending[i], Pieces) else _nbytes(pending[i])
+                       for i in indices)
         for i in indices:
-            del self.pending[i]
+            if isinstance(pending.pop(i), Pieces):
+                self.pieces_pending -= 1
         self.calls += 1
         self.tensors += len(indices)
-        written = sum(self.plan.sizes[i] for i in indices)
+        written = sum(map(plan.sizes.__getitem__, indices))
         self.bytes += written
         self.held_bytes -= held
         self.regions += regions
         self.written_targets.update(indices)
         if self.on_written is not None:
             self.on_written(written)
+
+    def _refuse(self, dsts, srcs, names, problems=None) -> None:
+        """Raises the error naming the refused pairs of a batch that was not written."""
+        try:
+            found = pair_problems(dsts, srcs, names, problems)
+        except StaleLayout:
+            found = {name: "shares memory with another model tensor" for name in names}
+        if found:
+            raise self.fail(mismatched=found) from None
 
     def finish(self) -> StreamResult:
         incomplete = [u for u, left in enumerate(self.remaining) if left > 0]

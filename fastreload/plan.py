@@ -19,7 +19,7 @@ from fastreload.errors import ReloadError
 from fastreload.model import Layout
 from fastreload.regions import Pieces, RegionProblem, region_views
 
-__all__ = ["Fetcher", "Plan", "Regions", "StaleLayout", "Work", "assemble_regions", "check_pairs", "plan_for",
+__all__ = ["Fetcher", "Plan", "Regions", "StaleLayout", "Work", "assemble_regions", "check_pairs", "expand", "plan_for",
            "raise_not_tensors", "resolve"]
 
 
@@ -246,7 +246,7 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
         srcs = [values[i] for i in present] if missing else values
         names = [plan.leading[i] for i in present] if missing else plan.leading
     else:
-        dsts, srcs, names = _expand(plan, values, present)
+        dsts, srcs, names = expand(plan, values, present)
 
     if (uninitialized or conflicts or region_problems or duplicates
             or (strict and (missing or unexpected))):
@@ -267,8 +267,9 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
                 tuple(missing), tuple(unexpected), written_regions)
 
 
-def _expand(plan: Plan, values: list, indices) -> tuple[list, list, list]:
-    """(dsts, srcs, names) of the targets at indices, a region target as its regions."""
+def expand(plan: Plan, values, indices) -> tuple[list, list, list]:
+    """(dsts, srcs, names) of the targets at indices, a region target as its regions
+    (values: the source value of each target, by index)."""
     dsts, srcs, names = [], [], []
     for i in indices:
         value = values[i]
@@ -331,7 +332,7 @@ def _batches_of_present(plan: Plan, values: list) -> tuple[tuple, int]:
     batches = []
     layers = 0
     for a, b in plan.batches:
-        dsts, srcs, _ = _expand(plan, values, [i for i in range(a, b) if values[i] is not None])
+        dsts, srcs, _ = expand(plan, values, [i for i in range(a, b) if values[i] is not None])
         if dsts:
             batches.append((dsts, srcs))
     for unit in plan.layout.units:

@@ -18,7 +18,7 @@ import torch
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.names import detect_wrappers
-from fastreload.plan import Plan, StaleLayout, pair_problems, same_values
+from fastreload.plan import Plan, StaleLayout, expand, pair_problems, same_values
 from fastreload.regions import Pieces, RegionProblem, Target, region_views
 from fastreload.replay import Replay, ReplayPlan
 
@@ -243,18 +243,9 @@ class _Consumer:
                 self._refuse(list(dsts), list(srcs), names, problems)
                 raise AssertionError("the bound copy refused a batch with no pair to name")
         else:
-            dsts, srcs, names = [], [], []
-            for i in indices:
-                value = pending[i]
-                if isinstance(value, Pieces):
-                    dsts += value.dsts
-                    srcs += value.srcs
-                    names += [label for _, _, _, label in value.spans]
-                    regions += len(value.dsts)
-                else:
-                    dsts.append(plan.dsts[i])
-                    srcs.append(value)
-                    names.append(plan.leading[i])
+            dsts, srcs, names = expand(plan, pending, indices)
+            if self.pieces_pending:
+                regions = sum(len(pending[i].dsts) for i in indices if isinstance(pending[i], Pieces))
             try:
                 ops.batched_copy_(dsts, srcs)
             except RuntimeError:

@@ -107,3 +107,11 @@ def test_verify_catches_a_wrong_value_and_a_detached_alias(tmp_path):
     mixer.conv_weights = mixer.conv_weights.clone()  # a copy of its own, as a buggy reload leaves it
     with pytest.raises(SystemExit, match="conv_weights: no longer a view"):
         reload_moe.verify(bench, cfg)
+
+
+def test_overhead_tool_runs():
+    import overhead
+
+    result = overhead.main(["--layers", "2", "--rounds", "2"])
+    assert set(result) == {"warm", "cold", "cold fetch", "cold bound"}
+    assert all(value > 0 for value in result.values())

@@ -494,3 +494,29 @@ def test_one_mapping_reloaded_again_and_again_is_read_afresh_each_time():
         reload_layerwise(model, source)
     assert error.value.missing == (name,)
     assert_untouched(model, before)
+
+
+def test_reloads_of_one_model_from_several_threads_are_each_whole():
+    import threading
+
+    model = Decoder(layers=8)
+    sources = [{k: torch.full_like(v, float(n)) for k, v in model.state_dict().items()} for n in range(4)]
+    errors = []
+
+    def reload_many(source):
+        try:
+            for _ in range(25):
+                reload_layerwise(model, source)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=reload_many, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    values = {v.flatten()[0].item() for v in model.state_dict().values()}
+    assert len(values) == 1, f"the model mixes several reloads: {values}"
+    (value,) = values
+    assert all(torch.equal(v, torch.full_like(v, value)) for v in model.state_dict().values())

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,9 @@ class BoundCopy {
     std::vector<PairProblem> refused;
     {
       const py::gil_scoped_release no_gil;
+      // One call at a time: another thread's call waits here, without the GIL, rather
+      // than replace what this one is reading.
+      const std::lock_guard<std::mutex> one_at_a_time(mutex_);
       // Sources and destinations as they were at the last accepted call: its checks
       // and descriptors still hold (the common case: the same staging tensors, or
       // the same source mapping, reloaded again and again).
@@ -131,16 +135,18 @@ class BoundCopy {
           described_ = std::move(described);
         }
       }
+      if (refused.empty()) {
+        const FusedCopyFn fused_copy = fused_copy_for(dsts_->device().type());
+        for (const auto b : c10::irange(stops_.size())) {
+          if (stops_[b] > (b == 0 ? 0 : stops_[b - 1])) fused_copy((*described_)[b], dst_, src);
+          if (!on_batch.is_none()) {
+            const py::gil_scoped_acquire gil;
+            on_batch(batch_bytes_[b]);
+          }
+        }
+      }
     }
     if (!refused.empty()) return as_problem_codes(refused);
-    const FusedCopyFn fused_copy = fused_copy_for(dsts_->device().type());
-    for (const auto b : c10::irange(stops_.size())) {
-      {
-        const py::gil_scoped_release no_gil;
-        if (stops_[b] > (b == 0 ? 0 : stops_[b - 1])) fused_copy((*described_)[b], dst_, src);
-      }
-      if (!on_batch.is_none()) on_batch(batch_bytes_[b]);
-    }
     return py::none();
   }
 
@@ -160,6 +166,7 @@ class BoundCopy {
   // Of the last accepted call: its sources, and its batches described.
   std::unique_ptr<const Fingerprints> sources_;
   std::unique_ptr<const std::vector<DescribedBatch>> described_;
+  std::mutex mutex_;
 };
 
 }  // namespace

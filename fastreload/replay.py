@@ -490,7 +490,8 @@ class Replay:
         self.on_written = on_written
         self.fail = fail
         groups = plan.groups
-        # Per group, the source tensor of each entry (None: not arrived); None before any.
+        # Per group, the source of each entry: a tensor, or the Pieces of its regions
+        # (None: not arrived); None before any.
         self.values: list[list[torch.Tensor | None] | None] = [None] * len(groups)
         self.remaining = [len(g.entries) for g in groups]
         self.ready: list[int] = []
@@ -500,8 +501,8 @@ class Replay:
         self.held = [0] * len(groups)  # the same, per group
         self.tensors = self.bytes = self.calls = self.regions = 0
         self.custom_loaded: list[str] = []
-        # The temporaries' memory, per device, reused batch after batch (freed with the
-        # session): allocating it afresh for each batch costs page faults on the host.
+        # The temporaries' memory, per device, reused batch after batch and freed with
+        # the session: one allocation per reload, not one per batch.
         self.buffers: dict[torch.device, torch.Tensor] = {}
         self.pieces: dict[tuple[int, int], Pieces] = {}  # (group, entry) -> regions so far, until complete
         self.regioned: set[int] = set()  # groups with an entry given in regions

@@ -136,25 +136,18 @@ class _Consumer:
             self.bytes_read += nbytes
             if self.held_bytes > self.peak_held_bytes or self.replay is not None:
                 self.hold(0)  # a new peak: checked against the cap
-            unit = self.plan.unit_of[index]
-            self.unit_bytes[unit] += nbytes
-            self.remaining[unit] -= 1
-            if self.remaining[unit] == 0:
-                self.completed(unit)
+            self.arrived(index, nbytes)
             return
         if index in self.pieces:
             raise self.fail(regions={name: "given both whole and in regions"})
-        if index in self.pending or index in self.written_targets:
-            # A tied second name: it must say what the first one said.
-            first = self.pending.get(index)
-            dst = self.plan.dsts[index]
-            same = (same_values(first, tensor) if first is not None else
-                    dst.shape == tensor.shape and torch.equal(dst, tensor.to(dst.device, dst.dtype)))
-            if not same:
-                raise self.fail(conflicts=[name])
-            self.bytes_read += nbytes
-            return
-        raise AssertionError("unreachable: a first tensor takes the common path")
+        # Pending or written already: a tied second name, which must say what the first one said.
+        first = self.pending.get(index)
+        dst = self.plan.dsts[index]
+        same = (same_values(first, tensor) if first is not None else
+                dst.shape == tensor.shape and torch.equal(dst, tensor.to(dst.device, dst.dtype)))
+        if not same:
+            raise self.fail(conflicts=[name])
+        self.bytes_read += nbytes
 
     def unknown(self, name: str) -> None:
         """A name that is no target: ignored (an alias), or refused, or reported."""

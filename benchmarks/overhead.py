@@ -12,7 +12,9 @@ Each round times, in µs per tensor:
                which push its tensors' metadata out of the caches, as the other
                methods of reload_moe.py do between its samples;
   cold fetch   after the same, the plan's lookup of every source tensor by name;
-  cold bound   after the same, the plan's bound copy of a tuple fetched beforehand.
+  cold bound   after the same, the plan's bound copy of a tuple fetched beforehand;
+  cold new     the same as cold, from a new dict of new tensors each round (a trainer
+               sending fresh buffers every step): nothing about the source is known.
 
 Medians over the rounds. Compare builds by running this in alternating processes:
 a 2-core VM varies by 20% from one process to the next.
@@ -55,8 +57,13 @@ def measure(preset: str, layers: int | None, rounds: int) -> dict[str, float]:
         fn()
         return time.perf_counter() - start
 
-    samples: dict[str, list[float]] = {"warm": [], "cold": [], "cold fetch": [], "cold bound": []}
+    samples: dict[str, list[float]] = {"warm": [], "cold": [], "cold fetch": [], "cold bound": [],
+                                       "cold new": []}
     for _ in range(rounds):
+        new = {name: tensor.clone() for name, tensor in source.items()}
+        evict()
+        samples["cold new"].append(timed(lambda: fastreload.reload_layerwise(model, new)))
+        del new
         evict()
         samples["cold"].append(timed(lambda: fastreload.reload_layerwise(model, source)))
         samples["warm"].append(timed(lambda: fastreload.reload_layerwise(model, source)))

@@ -149,6 +149,18 @@ PairFacts source_facts(const DestinationFacts& df, const at::Tensor& d, const at
   for (int64_t k = 0; f.fused && !same_strides && k < d.dim(); ++k) {
     f.fused = d.size(k) <= 1 || d.stride(k) == s.stride(k);
   }
+  if (f.fused && df.span.lo != 0) {
+    // A dense destination's span is exactly its bytes.
+    const int64_t bytes = static_cast<int64_t>(df.span.hi - df.span.lo);
+    const bool same_dtype = d_type == s_type;
+    f.desc = CopyDesc{
+        static_cast<const char*>(s_data),
+        reinterpret_cast<char*>(df.span.lo),
+        same_dtype ? bytes : bytes / static_cast<int64_t>(d.element_size()),
+        same_dtype ? ElemKind::kBytes : *float_kind(s_type),
+        same_dtype ? ElemKind::kBytes : *float_kind(d_type),
+    };
+  }
   return f;
 }
 
@@ -253,20 +265,37 @@ int64_t kind_of(const c10::TensorImpl* impl) {
 
 // Per tensor: data address, kind, dim, then its sizes and its strides.
 Fingerprints::Fingerprints(at::TensorList tensors) {
-  values_.reserve(tensors.size() * 7);
   starts_.reserve(tensors.size() + 1);
+  size_t end = 0;
   for (const at::Tensor& t : tensors) {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    starts_.push_back(values_.size());
-    values_.push_back(reinterpret_cast<int64_t>(data_of(t)));
-    values_.push_back(kind_of(impl));
-    values_.push_back(impl->dim());
-    const auto sizes = impl->sizes();
-    const auto strides = impl->strides();
-    values_.insert(values_.end(), sizes.begin(), sizes.end());
-    values_.insert(values_.end(), strides.begin(), strides.end());
+    starts_.push_back(end);
+    end += 3 + 2 * t.dim();
   }
-  starts_.push_back(values_.size());
+  starts_.push_back(end);
+  values_.resize(end);
+  for (const auto i : c10::irange(tensors.size())) record(i, tensors[i]);
+}
+
+Fingerprints Fingerprints::with_dims_of(const Fingerprints& like) {
+  Fingerprints room;
+  room.starts_ = like.starts_;
+  room.values_.resize(like.values_.size());
+  return room;
+}
+
+void Fingerprints::record(size_t i, const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  int64_t* v = values_.data() + starts_[i];
+  const int64_t dim = impl->dim();
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(starts_[i + 1] - starts_[i]) == 3 + 2 * dim,
+                        "Fingerprints: tensor ", i, " has another number of dims");
+  v[0] = reinterpret_cast<int64_t>(data_of(t));
+  v[1] = kind_of(impl);
+  v[2] = dim;
+  const auto sizes = impl->sizes();
+  const auto strides = impl->strides();
+  std::copy(sizes.begin(), sizes.end(), v + 3);
+  std::copy(strides.begin(), strides.end(), v + 3 + dim);
 }
 
 bool Fingerprints::matches(size_t i, const at::Tensor& t) const {
@@ -284,6 +313,8 @@ bool Fingerprints::matches(size_t i, const at::Tensor& t) const {
 
 bool Fingerprints::all_match(at::TensorList tensors) const {
   if (tensors.size() + 1 != starts_.size()) return false;
+  // Other tensors usually differ from the first: say so without a parallel pass.
+  if (!tensors.empty() && !matches(0, tensors[0])) return false;
   std::atomic<bool> all{true};
   at::parallel_for(0, static_cast<int64_t>(tensors.size()), kPairsPerTask, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi && all.load(std::memory_order_relaxed); ++i) {
@@ -296,7 +327,7 @@ bool Fingerprints::all_match(at::TensorList tensors) const {
 }
 
 std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList dst, at::TensorList src,
-                                       const Fingerprints* expected, bool* changed) {
+                                       const Fingerprints* expected, bool* changed, Fingerprints* sources) {
   TORCH_CHECK(dst.size() == src.size() && dst.size() == dsts.size(), "batched_copy_: got ",
               dst.size(), " destinations but ", src.size(), " sources");
   std::vector<PairFacts> facts(src.size());
@@ -305,6 +336,14 @@ std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList 
   std::atomic<bool> moved{false};
   at::parallel_for(0, static_cast<int64_t>(src.size()), kPairsPerTask, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
+      if (i + 2 * kPrefetchAhead < hi) {
+        prefetch_tensor(dst[i + 2 * kPrefetchAhead]);
+        prefetch_tensor(src[i + 2 * kPrefetchAhead]);
+      }
+      if (i + kPrefetchAhead < hi) {
+        prefetch_storage(dst[i + kPrefetchAhead]);
+        prefetch_storage(src[i + kPrefetchAhead]);
+      }
       // Compared in the same pass: the destination's TensorImpl is read once.
       if (expected != nullptr && !expected->matches(i, dst[i])) {
         moved = true;
@@ -312,6 +351,7 @@ std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList 
       }
       PairFacts& f = facts[i];
       f = source_facts(dsts[i], dst[i], src[i], i, device);
+      if (f.problem == PairProblem::kNone && sources != nullptr) sources->record(i, src[i]);
       if (f.problem != PairProblem::kNone || f.noop || f.src.lo == 0) continue;
       // A source may also overlap its own destination partially: that is refused too.
       const Span& own = dsts[i].span;
@@ -338,8 +378,8 @@ std::vector<PairProblem> find_pair_problems(at::TensorList dst, at::TensorList s
   return pair_problems(examine_sources(dsts, dst, src));
 }
 
-DescribedBatch describe_pairs(const Destinations& dsts, const std::vector<PairFacts>& facts,
-                              at::TensorList dst, at::TensorList src, size_t begin, size_t end) {
+DescribedBatch describe_pairs(const Destinations& dsts, const std::vector<PairFacts>& facts, size_t begin,
+                              size_t end) {
   DescribedBatch batch;
   batch.fused.reserve(end - begin);
   batch.fused_pairs.reserve(end - begin);
@@ -347,21 +387,12 @@ DescribedBatch describe_pairs(const Destinations& dsts, const std::vector<PairFa
     const PairFacts& f = facts[i];
     TORCH_INTERNAL_ASSERT(f.problem == PairProblem::kNone, "describe_pairs: pair ", i, " was refused");
     if (f.noop || dsts[i].span.lo == 0) continue;
-    if (!f.fused) {
+    if (f.fused) {
+      batch.fused_pairs.push_back(static_cast<int64_t>(i));
+      batch.fused.push_back(f.desc);
+    } else {
       batch.fallback.push_back(static_cast<int64_t>(i));
-      continue;
     }
-    const at::Tensor& d = dst[i];
-    const at::Tensor& s = src[i];
-    const bool same_dtype = d.scalar_type() == s.scalar_type();
-    batch.fused_pairs.push_back(static_cast<int64_t>(i));
-    batch.fused.push_back(CopyDesc{
-        reinterpret_cast<const char*>(f.src.lo),
-        static_cast<char*>(d.mutable_data_ptr()),
-        same_dtype ? d.numel() * d.element_size() : d.numel(),
-        same_dtype ? ElemKind::kBytes : *float_kind(s.scalar_type()),
-        same_dtype ? ElemKind::kBytes : *float_kind(d.scalar_type()),
-    });
   }
   return batch;
 }
@@ -378,7 +409,7 @@ DescribedBatch checked_batch(at::TensorList dst, at::TensorList src) {
                 " on ", dst[i].device(), ", source ", src[i].scalar_type(), src[i].sizes(),
                 " on ", src[i].device(), ")");
   }
-  return describe_pairs(dsts, facts, dst, src, 0, facts.size());
+  return describe_pairs(dsts, facts, 0, facts.size());
 }
 
 bool register_fused_copy(c10::DeviceType type, FusedCopyFn fn) {

@@ -81,29 +81,41 @@ class Destinations {
 class Fingerprints {
  public:
   explicit Fingerprints(at::TensorList tensors);
+  // Room for the fingerprints of as many tensors with the same dims as those of
+  // `like`, each written by record(): how a pass over pairs fingerprints their
+  // sources as it reads them.
+  static Fingerprints with_dims_of(const Fingerprints& like);
+  // Writes tensor i's fingerprint; t has the dims of the i-th tensor of `like`.
+  void record(size_t i, const at::Tensor& t);
   bool matches(size_t i, const at::Tensor& t) const;
   // As many tensors as fingerprinted, each matching its own (one parallel pass).
   bool all_match(at::TensorList tensors) const;
 
  private:
+  Fingerprints() = default;
+
   std::vector<int64_t> values_;
   std::vector<size_t> starts_;  // tensor i's values begin at starts_[i]; one more at the end
 };
 
-// Everything the descriptors need of one pair, from one read of its source.
+// Everything the descriptors need of one pair, from one read of its source: found
+// in the parallel pass, so that describing the batches touches no tensor again.
 struct PairFacts {
   PairProblem problem = PairProblem::kNone;
   Span src;
   bool noop = false;   // src is dst itself (same bytes, same view): nothing to copy
   bool fused = false;  // dense pair in one memory order: the fused pass copies it
+  CopyDesc desc{};     // when fused: its descriptor
 };
 
 // The source side of every pair, checked against the destinations. With
 // `expected`, each destination is first compared with its fingerprint; when one
 // differs, *changed is set and the facts are not to be used: read the
-// destinations again.
+// destinations again. With `sources` (Fingerprints::with_dims_of(*expected)), the
+// source of every pair found acceptable is fingerprinted into it.
 std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList dst, at::TensorList src,
-                                       const Fingerprints* expected = nullptr, bool* changed = nullptr);
+                                       const Fingerprints* expected = nullptr, bool* changed = nullptr,
+                                       Fingerprints* sources = nullptr);
 
 // The first problem of every pair, in pair order.
 std::vector<PairProblem> find_pair_problems(at::TensorList dst, at::TensorList src);
@@ -118,8 +130,8 @@ struct DescribedBatch {
 // Pairs [begin, end) of examined pairs without problems, sorted into the fused
 // pass and the fallback. Empty pairs and pairs whose src is their dst (same bytes,
 // same layout) are left out.
-DescribedBatch describe_pairs(const Destinations& dsts, const std::vector<PairFacts>& facts,
-                              at::TensorList dst, at::TensorList src, size_t begin, size_t end);
+DescribedBatch describe_pairs(const Destinations& dsts, const std::vector<PairFacts>& facts, size_t begin,
+                              size_t end);
 
 // Checks every pair, raising a TORCH_CHECK error that names the first refused
 // one, and describes them all: what every batched_copy_ kernel starts with.

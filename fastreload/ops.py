@@ -4,7 +4,7 @@ ops trace under FakeTensor / torch.compile. Semantics live elsewhere."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -18,7 +18,7 @@ except ImportError as error:
         "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
-    "BoundCopy", "CheckpointTensors", "PairProblem", "ReplayableCopy", "batched_copy_", "batched_copy_check", "batched_copy_table",
+    "BoundCopy", "CheckpointTensors", "PairProblem", "ReplayableCopy", "ValuesInOrder", "batched_copy_", "batched_copy_check", "batched_copy_table",
     "batched_copy_with_table_", "converts", "storage_alias_mask", "storage_ptrs",
 ]
 
@@ -104,6 +104,23 @@ class BoundCopy:
 
     def __len__(self) -> int:
         return len(self._bound)
+
+
+class ValuesInOrder:
+    """A dict's values read by position while it keeps the same key objects in the
+    same order (csrc/python/values_in_order.cpp):
+
+        read = ValuesInOrder(tuple(source), positions)  # positions: indexes into its keys
+        read(source)  # tuple of the values at those positions, or None: read it by name
+
+    One walk over the dict's entries, comparing key pointers, instead of one lookup
+    (a string's hash, an index slot, an entry) per name."""
+
+    def __init__(self, keys: tuple, positions: Sequence[int]) -> None:
+        self._values = _C.ValuesInOrder(keys, list(positions))
+
+    def __call__(self, source: Mapping) -> tuple | None:
+        return self._values.read(source)
 
 
 class CheckpointTensors:

@@ -33,25 +33,50 @@ def _getter(names: tuple[str, ...]):
 class Fetcher:
     """source -> the tuple of its values under `names`, in one C-level call.
 
-    A dict read a second time is then read with its own key objects: a lookup
-    whose key is the very object stored in the dict matches by identity, without
-    reading either string, which saves cache misses on every name of a model a
-    server reloads from the same mapping again and again. Lookups stay by
-    equality, so any source gets the right values; only the speed differs."""
+    A dict read a second time gets a reader by position (ops.ValuesInOrder): any
+    dict whose keys come in that same order, the same dict again or a new one built
+    from the same names (as a server reloading from one mapping, or a trainer
+    sending a new dict every step, gives), is then read by one walk over its
+    entries, without a lookup per name. Other sources are read by name. Every
+    source gets the right values; only the speed differs."""
+
+    remembered = 4  # readers kept, the most recently used ones (and as many dict ids)
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
         self._by_name = _getter(names)
-        self._source_id: int | None = None  # the last source read (its id only: it is not kept)
-        self._by_key = None  # a getter made of that source's key objects, from its second read on
+        self._readers: tuple[ops.ValuesInOrder, ...] = ()  # the most recently used first
+        # ids of the last dicts read by name (not the dicts: they are not kept).
+        self._read_by_name: dict[int, None] = {}
 
     def __call__(self, source: Mapping[str, torch.Tensor]) -> tuple:
-        if id(source) != self._source_id:
-            self._source_id, self._by_key = id(source), None
-        elif self._by_key is None and type(source) is dict:
-            own = {k: k for k in source}
-            self._by_key = _getter(tuple(own.get(n, n) for n in self.names))
-        return (self._by_key or self._by_name)(source)
+        if type(source) is not dict:
+            return self._by_name(source)
+        readers = self._readers
+        for read in readers:
+            values = read(source)
+            if values is not None:
+                if read is not readers[0]:
+                    self._keep(read, readers)
+                return values
+        seen = self._read_by_name
+        if id(source) not in seen:
+            if len(seen) >= self.remembered:
+                seen.pop(next(iter(seen)), None)
+            seen[id(source)] = None
+            return self._by_name(source)
+        seen.pop(id(source), None)
+        position = {k: i for i, k in enumerate(source)}
+        try:
+            read = ops.ValuesInOrder(tuple(source), [position[n] for n in self.names])
+        except KeyError:  # not every name: read by name, which raises or is caught
+            return self._by_name(source)
+        self._keep(read, readers)
+        return read(source)
+
+    def _keep(self, read, readers) -> None:
+        # A new tuple, assigned whole: a thread iterating the old one is not disturbed.
+        self._readers = (read, *(r for r in readers if r is not read))[:self.remembered]
 
 
 @dataclass(frozen=True)

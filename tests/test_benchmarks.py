@@ -113,5 +113,5 @@ def test_overhead_tool_runs():
     import overhead
 
     result = overhead.main(["--layers", "2", "--rounds", "2"])
-    assert set(result) == {"warm", "cold", "cold fetch", "cold bound"}
+    assert set(result) == {"warm", "cold", "cold fetch", "cold bound", "cold new"}
     assert all(value > 0 for value in result.values())

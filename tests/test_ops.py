@@ -835,6 +835,57 @@ def test_bound_copy_checks_sources_again_whenever_they_change():
     assert torch.equal(p, -z.imag) and torch.equal(real, torch.view_as_real(z.conj().resolve_conj()))
 
 
+def test_bound_copy_remembers_several_sources_and_checks_each_again_when_it_changes():
+    # Sources given in turn (two checkpoints, double-buffered staging tensors) each
+    # keep their checks; whatever changes in any of them, or in a destination, is seen.
+    p, q = torch.zeros(4), torch.zeros(2, 3)
+    bound = ops.BoundCopy([p, q], [1, 2])
+    sets = [(torch.full((4,), float(n)), torch.full((2, 3), float(n))) for n in range(6)]
+    for round_ in range(3):  # more sets than are remembered, cycled
+        for n, (a, b) in enumerate(sets):
+            a.fill_(n + 10 * round_)
+            assert bound((a, b)) is None
+            assert torch.equal(p, a) and torch.equal(q, b)
+    a, b = sets[-1]
+    a.data = torch.ones(5)  # the most recent set, now another shape
+    assert bound((a, b)).tolist() == [PairProblem.SHAPE, PairProblem.NONE]
+    assert torch.equal(p, torch.full((4,), 25.0)), "a refused copy wrote"
+    a, b = sets[-2]
+    b.data = q.t()  # an older remembered set, now a view of a destination
+    assert bound((a, b)).tolist() == [PairProblem.NONE, PairProblem.SHAPE]
+    b.data = q.view(2, 3)
+    assert bound((a, b)) is None, "a source that is its destination copies nothing"
+    assert torch.equal(p, torch.full((4,), 24.0))
+    a.data = q.view(6)[:4]
+    assert bound((a, b)).tolist() == [PairProblem.SOURCE_OVERLAP, PairProblem.NONE]
+    old = p.data
+    p.data = torch.zeros(4)  # a destination moved: every remembered set is checked again
+    a, b = sets[-3]
+    assert bound((a, b)) is None
+    assert torch.equal(p, a) and torch.equal(old, torch.full((4,), 24.0))
+    p.data = torch.zeros(2)
+    assert bound((a, b)).tolist() == [PairProblem.SHAPE, PairProblem.NONE]
+
+
+def test_values_in_order_reads_a_dict_while_its_keys_come_in_the_same_order():
+    source = {name: torch.full((1,), float(i)) for i, name in enumerate(["a.w", "b.w", "c.w"])}
+    read = ops.ValuesInOrder(tuple(source), [2, 0])
+    assert read(source) == (source["c.w"], source["a.w"])
+    source["c.w"] = torch.zeros(1)  # a new value under the same key: read
+    assert read(source)[0] is source["c.w"]
+    assert read(dict(source)) == (source["c.w"], source["a.w"]), "a copy holds the same key objects"
+    key = next(iter(source))
+    source[key] = source.pop(key)  # the same keys, another order
+    assert read(source) is None
+    same_text = {("" + k + ".")[:-1]: torch.full((1,), 7.0 + i) for i, k in enumerate(("a.w", "b.w", "c.w"))}
+    assert read(same_text) == (same_text["c.w"], same_text["a.w"]), "new strings, the same text and order"
+    assert read({("" + k + ".")[:-1]: v for k, v in zip(("a.w", "c.w", "b.w"), source.values())}) is None
+    assert read({k: source[k] for k in ("a.w", "b.w")}) is None
+    assert read(list(source.items())) is None
+    with pytest.raises(IndexError, match="position 3"):
+        ops.ValuesInOrder(tuple(source), [3])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bound_copy_of_lazy_conjugates_matches_copy(device):
     z = random_values((6,), torch.complex64, gen(), device)

@@ -474,16 +474,24 @@ def test_source_values_must_be_tensors():
 
 
 def test_one_mapping_reloaded_again_and_again_is_read_afresh_each_time():
-    # From its second read on, a mapping is looked up with its own key objects:
-    # what it holds at each reload must still be what is written.
+    # From its second read on, a mapping is read by position while its keys stay
+    # the same objects in the same order: what it holds at each reload must still
+    # be what is written, whatever changed in it.
     model = Decoder()
     source = {k: torch.full_like(v, 1.0) for k, v in model.state_dict().items()}
+    other = {k: torch.full_like(v, -1.0) for k, v in model.state_dict().items()}
     name = next(iter(source))
     for value in (2.0, 3.0, 4.0):
         for k in source:
             source[k] = torch.full_like(source[k], value)  # new tensors under the same keys
         reload_layerwise(model, source)
         assert all(torch.equal(v, torch.full_like(v, value)) for v in model.state_dict().values())
+        reload_layerwise(model, other)  # two mappings in turn
+        assert all(torch.equal(v, torch.full_like(v, -1.0)) for v in model.state_dict().values())
+    source[name] = source.pop(name)  # the same key object, now last
+    source[name] = torch.full_like(source[name], 6.0)
+    reload_layerwise(model, source)
+    assert torch.equal(model.state_dict()[name], torch.full_like(source[name], 6.0))
     source[("" + name + ".")[:-1]] = source.pop(name)  # an equal key, another string object
     source[name] = torch.full_like(source[name], 5.0)
     reload_layerwise(model, source)

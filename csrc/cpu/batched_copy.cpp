@@ -15,8 +15,12 @@ namespace {
 
 // Large enough that a chunk's bookkeeping is noise, small enough to balance threads.
 constexpr int64_t kCpuChunkBytes = int64_t{1} << 18;
-// Below this many bytes a batch is copied on the calling thread.
+// Below this much work a batch is copied on the calling thread.
 constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
+// What a chunk costs besides its bytes, counted as bytes: its bookkeeping and the
+// cache misses of its first lines take about as long as copying a KiB. So a batch
+// of many small tensors (norms, biases, scales) is split between threads too.
+constexpr int64_t kChunkCostBytes = 1024;
 // From this many bytes on, a batch is written with non-temporal stores: it would
 // not stay in the caches anyway.
 constexpr int64_t kStreamStoreMinBytes = int64_t{8} << 20;
@@ -25,14 +29,17 @@ void fused_copy_cpu(const DescribedBatch& batch, at::TensorList dst, at::TensorL
   const std::vector<CopyChunk> chunks =
       plan_chunks(batch.fused.data(), static_cast<int64_t>(batch.fused.size()), kCpuChunkBytes);
 
-  // Threads split the batch by bytes, not by chunk count: a chunk belongs to the
-  // thread whose byte range holds its first byte.
+  // Threads split the batch by cost (bytes, plus a fixed cost per chunk), not by
+  // chunk count: a chunk belongs to the thread whose range holds its start.
   std::vector<int64_t> starts(chunks.size() + 1, 0);
+  int64_t bytes = 0;
   for (const auto c : c10::irange(chunks.size())) {
     const CopyChunk& chunk = chunks[c];
-    starts[c + 1] = starts[c] + (chunk.end - chunk.begin) * chunk_elem_bytes(batch.fused[chunk.desc]);
+    const int64_t chunk_bytes = (chunk.end - chunk.begin) * chunk_elem_bytes(batch.fused[chunk.desc]);
+    bytes += chunk_bytes;
+    starts[c + 1] = starts[c] + chunk_bytes + kChunkCostBytes;
   }
-  const bool stream = starts.back() >= kStreamStoreMinBytes;
+  const bool stream = bytes >= kStreamStoreMinBytes;
   at::parallel_for(0, starts.back(), kMinBytesPerThread, [&](int64_t lo, int64_t hi) {
     auto c = std::lower_bound(starts.begin(), starts.end() - 1, lo) - starts.begin();
     for (; c < static_cast<int64_t>(chunks.size()) && starts[c] < hi; ++c) {

@@ -1,6 +1,6 @@
 // fastreload._C: importing it loads the operator library (the registrations in
 // ops.cpp, cpu/ and cuda/ run), and it holds what a call through torch.ops cannot
-// do fast enough: BoundCopy.
+// do fast enough: BoundCopy here, CheckpointTensors and ValuesInOrder beside it.
 //
 // A reload of a large MoE copies tens of thousands of pairs into the same model
 // tensors every time. Through batched_copy_, each call passes two Python lists
@@ -8,12 +8,15 @@
 // per tensor) and reads and checks every destination again. BoundCopy keeps the
 // destinations, read and checked once, and on each call reads only the sources,
 // straight out of a Python tuple, plus a fingerprint of each destination that
-// tells whether it changed (then it reads them again). The checks are the ones
-// batched_copy_ runs (copy_pairs.h), and the copy is its backend's own pass.
+// tells whether it changed (then it reads them again). It also remembers the
+// last few accepted calls' sources by fingerprint, with their pairs checked and
+// described: sources seen again are only compared with them. The checks are the
+// ones batched_copy_ runs (copy_pairs.h), and the copy is its backend's own pass.
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -106,17 +109,23 @@ class BoundCopy {
       // One call at a time: another thread's call waits here, without the GIL, rather
       // than replace what this one is reading.
       const std::lock_guard<std::mutex> one_at_a_time(mutex_);
-      // Sources and destinations as they were at the last accepted call: its checks
-      // and descriptors still hold (the common case: the same staging tensors, or
-      // the same source mapping, reloaded again and again).
-      const bool unchanged = described_ != nullptr && sources_->all_match(src) && fingerprints_->all_match(dst_);
-      if (!unchanged) {
-        described_.reset();
+      // Sources as they were at a recent accepted call, destinations unchanged since:
+      // its checks and descriptors still hold (the common case: the same staging
+      // tensors, or the same source mapping, reloaded again and again).
+      const Accepted* accepted = recall(src);
+      if (accepted != nullptr && !fingerprints_->all_match(dst_)) {
+        accepted_.clear();  // every call remembered was checked against the old destinations
+        accepted = nullptr;
+      }
+      if (accepted == nullptr) {
         bool changed = false;
-        std::vector<PairFacts> facts = examine_sources(*dsts_, dst_, src, fingerprints_.get(), &changed);
+        Fingerprints sources = Fingerprints::with_dims_of(*fingerprints_);
+        std::vector<PairFacts> facts =
+            examine_sources(*dsts_, dst_, src, fingerprints_.get(), &changed, &sources);
         if (changed) {
           read_destinations();
-          facts = examine_sources(*dsts_, dst_, src);
+          sources = Fingerprints::with_dims_of(*fingerprints_);
+          facts = examine_sources(*dsts_, dst_, src, nullptr, nullptr, &sources);
         }
         // Every pair is checked before any batch is written.
         const bool any_refused = std::any_of(facts.begin(), facts.end(), [](const PairFacts& f) {
@@ -125,20 +134,13 @@ class BoundCopy {
         if (any_refused) {
           refused = pair_problems(facts);
         } else {
-          auto described = std::make_unique<std::vector<DescribedBatch>>();
-          int64_t start = 0;
-          for (const int64_t stop : stops_) {
-            described->push_back(describe_pairs(*dsts_, facts, dst_, src, start, stop));
-            start = stop;
-          }
-          sources_ = std::make_unique<const Fingerprints>(src);
-          described_ = std::move(described);
+          accepted = remember(std::move(sources), facts);
         }
       }
       if (refused.empty()) {
         const FusedCopyFn fused_copy = fused_copy_for(dsts_->device().type());
         for (const auto b : c10::irange(stops_.size())) {
-          if (stops_[b] > (b == 0 ? 0 : stops_[b - 1])) fused_copy((*described_)[b], dst_, src);
+          if (stops_[b] > (b == 0 ? 0 : stops_[b - 1])) fused_copy(accepted->batches[b], dst_, src);
           if (!on_batch.is_none()) {
             const py::gil_scoped_acquire gil;
             on_batch(batch_bytes_[b]);
@@ -153,25 +155,61 @@ class BoundCopy {
   int64_t size() const { return static_cast<int64_t>(dst_.size()); }
 
  private:
+  // What an accepted call found: its sources' fingerprints and its batches described.
+  struct Accepted {
+    Fingerprints sources;
+    std::vector<DescribedBatch> batches;
+  };
+
+  // The remembered call whose sources are these tensors again (moved to the front),
+  // or nullptr.
+  const Accepted* recall(at::TensorList src) {
+    for (size_t k = 0; k < accepted_.size(); ++k) {
+      if (accepted_[k]->sources.all_match(src)) {
+        std::rotate(accepted_.begin(), accepted_.begin() + k, accepted_.begin() + k + 1);
+        return accepted_.front().get();
+      }
+    }
+    return nullptr;
+  }
+
+  const Accepted* remember(Fingerprints sources, const std::vector<PairFacts>& facts) {
+    auto accepted = std::make_unique<Accepted>(Accepted{std::move(sources), {}});
+    int64_t start = 0;
+    for (const int64_t stop : stops_) {
+      accepted->batches.push_back(describe_pairs(*dsts_, facts, start, stop));
+      start = stop;
+    }
+    if (accepted_.size() == kRememberedCalls) accepted_.pop_back();
+    accepted_.insert(accepted_.begin(), std::move(accepted));
+    return accepted_.front().get();
+  }
+
   void read_destinations() {
     dsts_ = std::make_unique<const Destinations>(dst_);
     fingerprints_ = std::make_unique<const Fingerprints>(dst_);
+    accepted_.clear();
   }
+
+  // A server may alternate between a few sources (two checkpoints, double-buffered
+  // staging tensors, a mapping and a file): each keeps its checks. About 100 bytes
+  // per pair each.
+  static constexpr size_t kRememberedCalls = 4;
 
   std::vector<at::Tensor> dst_;
   std::vector<int64_t> stops_;
   std::vector<int64_t> batch_bytes_;
   std::unique_ptr<const Destinations> dsts_;
   std::unique_ptr<const Fingerprints> fingerprints_;
-  // Of the last accepted call: its sources, and its batches described.
-  std::unique_ptr<const Fingerprints> sources_;
-  std::unique_ptr<const std::vector<DescribedBatch>> described_;
+  // The last accepted calls, most recent first.
+  std::vector<std::unique_ptr<const Accepted>> accepted_;
   std::mutex mutex_;
 };
 
 }  // namespace
 
 void bind_checkpoint_tensors(pybind11::module& m);  // checkpoint_tensors.cpp
+void bind_values_in_order(pybind11::module& m);     // values_in_order.cpp
 
 }  // namespace fastreload
 
@@ -183,4 +221,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("copy", &BoundCopy::copy, pybind11::arg("sources"), pybind11::arg("on_batch") = pybind11::none())
       .def("__len__", &BoundCopy::size);
   fastreload::bind_checkpoint_tensors(m);
+  fastreload::bind_values_in_order(m);
 }

@@ -42,7 +42,7 @@ class StreamResult:
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    return t.nbytes
 
 
 class _Consumer:
@@ -127,7 +127,7 @@ class _Consumer:
         if index is None:
             self.unknown(name)
             return
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.nbytes
         pending = self.pending
         if index not in pending and index not in self.written_targets and index not in self.pieces:
             # The common case, kept to a few dict operations: a target's first tensor.
@@ -148,6 +148,43 @@ class _Consumer:
         if not same:
             raise self.fail(conflicts=[name])
         self.bytes_read += nbytes
+
+    def take_all(self, iterator) -> None:
+        """Every pair of the stream. A target's first tensor, the common case, is
+        taken here as take() would, inline: a stream of a large MoE is tens of
+        thousands of pairs, and each function call costs as much as the rest of it."""
+        take, pending, seen, written = self.take, self.pending, self.seen, self.written_targets
+        target_index, unit_of = self.layout.target_index, self.plan.unit_of
+        remaining, unit_bytes, completed = self.remaining, self.unit_bytes, self.completed
+        tensor_type = torch.Tensor
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise self.fail(held_over=f"the stream failed: {error!r}") from error
+            try:
+                name, tensor = item
+            except (TypeError, ValueError):
+                raise TypeError(f"a stream yields (name, tensor) pairs, got {item!r:.80}") from None
+            index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
+            if index is None or index in pending or index in written or name in seen or self.pieces \
+                    or not isinstance(tensor, tensor_type):
+                take(name, tensor)  # a rename, a replay, the first name, a region, a tied name, a refusal
+                continue
+            seen.add(name)
+            pending[index] = tensor
+            nbytes = tensor.nbytes
+            self.held_bytes = held = self.held_bytes + nbytes
+            self.bytes_read += nbytes
+            if held > self.peak_held_bytes:
+                self.hold(0)  # a new peak: checked against the cap
+            unit = unit_of[index]
+            unit_bytes[unit] += nbytes
+            remaining[unit] -= 1
+            if not remaining[unit]:
+                completed(unit)
 
     def unknown(self, name: str) -> None:
         """A name that is no target: ignored (an alias), or refused, or reported."""
@@ -247,12 +284,15 @@ class _Consumer:
         if held is None:
             held = sum(pending[i].held_bytes if isinstance(pending[i], Pieces) else _nbytes(pending[i])
                        for i in indices)
-        for i in indices:
-            if isinstance(pending.pop(i), Pieces):
-                self.pieces_pending -= 1
+        if len(indices) == len(pending) and not self.pieces_pending:
+            pending.clear()  # every pending target written (a whole stream in one batch)
+        else:
+            for i in indices:
+                if isinstance(pending.pop(i), Pieces):
+                    self.pieces_pending -= 1
         self.calls += 1
         self.tensors += len(indices)
-        written = sum(map(plan.sizes.__getitem__, indices))
+        written = plan.total_bytes if len(indices) == len(plan.sizes) else sum(map(plan.sizes.__getitem__, indices))
         self.bytes += written
         self.held_bytes -= held
         self.regions += regions
@@ -309,17 +349,5 @@ def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
     Replayed units go in batches of replay_batch_bytes (default: batch_bytes)."""
     consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written,
                          replay, model, replay_batch_bytes)
-    iterator = iter(pairs)
-    while True:
-        try:
-            item = next(iterator)
-        except StopIteration:
-            break
-        except Exception as error:
-            raise consumer.fail(held_over=f"the stream failed: {error!r}") from error
-        try:
-            name, tensor = item
-        except (TypeError, ValueError):
-            raise TypeError(f"a stream yields (name, tensor) pairs, got {item!r:.80}") from None
-        consumer.take(name, tensor)
+    consumer.take_all(iter(pairs))
     return consumer.finish()

@@ -39,8 +39,8 @@ DEFAULT_STREAM_BATCH_BYTES = 256 * 2**20
 DEFAULT_REPLAY_BATCH_BYTES = 16 * 2**20
 
 
-def _copy(model, source, strict, batch_bytes, replay_batch_bytes, on_written) -> tuple[Layout, Work, Replay | None]:
-    layout = layout_of(model)
+def _copy(model, layout: Layout, source, strict, batch_bytes, replay_batch_bytes,
+          on_written) -> tuple[Layout, Work, Replay | None]:
     replay = replay_plan(model, layout)
     if replay is None:
         plan = plan_for(layout, batch_bytes)
@@ -233,15 +233,17 @@ def reload_layerwise(
                 files = source if kind == "safetensors" else None
                 if files is not None:
                     source = files.views()
-                source, renamed = _named(source, rename, model, layout_of(model))
+                layout = layout_of(model)
+                source, renamed = _named(source, rename, model, layout)
                 if bar is not None:
-                    bar.total = plan_for(layout_of(model), batch_bytes).total_bytes
+                    bar.total = plan_for(layout, batch_bytes).total_bytes
                 try:
-                    layout, done, session = _copy(model, source, strict, batch_bytes, replay_batch_bytes, on_written)
+                    layout, done, session = _copy(model, layout, source, strict, batch_bytes, replay_batch_bytes,
+                                                  on_written)
                 except StaleLayout:
                     forget(model)
-                    layout, done, session = _copy(model, source, strict, batch_bytes, replay_batch_bytes,
-                                                  on_written)
+                    layout, done, session = _copy(model, layout_of(model), source, strict, batch_bytes,
+                                                  replay_batch_bytes, on_written)
                 calls, peak = done.copies, 0
                 replayed = custom_loaded = ()
                 if session is not None:

@@ -886,6 +886,18 @@ def test_values_in_order_reads_a_dict_while_its_keys_come_in_the_same_order():
         ops.ValuesInOrder(tuple(source), [3])
 
 
+@pytest.mark.parametrize("swapped", [1, 20, 38])  # among the first keys, or compared after the walk
+def test_values_in_order_refuses_a_dict_whose_keys_differ_anywhere(swapped):
+    names = [f"layers.{i}.weight" for i in range(40)]
+    source = {n: torch.full((1,), float(i)) for i, n in enumerate(names)}
+    read = ops.ValuesInOrder(tuple(source), range(40))
+    assert read({(n + ".")[:-1]: v for n, v in source.items()}) == tuple(source.values())
+    reordered = names[:swapped] + [names[swapped + 1], names[swapped]] + names[swapped + 2:]
+    assert read({n: source[n] for n in reordered}) is None
+    renamed = {n if n != names[swapped] else n + "_scale": source[n] for n in names}
+    assert read(renamed) is None
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bound_copy_of_lazy_conjugates_matches_copy(device):
     z = random_values((6,), torch.complex64, gen(), device)

@@ -57,13 +57,15 @@ class ValuesInOrder {
     Py_ssize_t position = 0;
     PyObject* key = nullptr;
     PyObject* value = nullptr;
+    PyObject* const* expected = &PyTuple_GET_ITEM(keys_.ptr(), 0);
     // The GIL is held: the dict cannot change size meanwhile.
     for (Py_ssize_t j = 0; PyDict_Next(dict, &position, &key, &value); ++j) {
+      // Another dict of the same size usually differs from the start: said before the walk ends.
+      if (j < kAhead && key != expected[j] && !same_text(key, expected[j])) return py::none();
       keys[j] = key;
       values[j] = value;
     }
-    PyObject* const* expected = &PyTuple_GET_ITEM(keys_.ptr(), 0);
-    for (Py_ssize_t j = 0; j < n; ++j) {
+    for (Py_ssize_t j = kAhead; j < n; ++j) {
       if (j + kAhead < n && keys[j + kAhead] != expected[j + kAhead]) {
         __builtin_prefetch(keys[j + kAhead]);
         __builtin_prefetch(expected[j + kAhead]);

@@ -61,8 +61,10 @@ class Fetcher:
                 return values
         seen = self._read_by_name
         if id(source) not in seen:
-            if len(seen) >= self.remembered:
-                seen.pop(next(iter(seen)), None)
+            excess = len(seen) + 1 - self.remembered
+            if excess > 0:
+                for oldest in list(seen)[:excess]:  # a copy: another thread may change seen meanwhile
+                    seen.pop(oldest, None)
             seen[id(source)] = None
             return self._by_name(source)
         seen.pop(id(source), None)

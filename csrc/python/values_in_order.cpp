@@ -52,6 +52,9 @@ class ValuesInOrder {
     PyObject* dict = source.ptr();
     const Py_ssize_t n = PyTuple_GET_SIZE(keys_.ptr());
     if (!PyDict_CheckExact(dict) || PyDict_GET_SIZE(dict) != n) return py::none();
+    // Made before any value is borrowed: making it may run a garbage collection,
+    // and with it Python code that could change the dict.
+    py::tuple out(positions_.size());
     std::vector<PyObject*> keys(static_cast<size_t>(n));
     std::vector<PyObject*> values(static_cast<size_t>(n));
     Py_ssize_t position = 0;
@@ -72,7 +75,6 @@ class ValuesInOrder {
       }
       if (keys[j] != expected[j] && !same_text(keys[j], expected[j])) return py::none();
     }
-    py::tuple out(positions_.size());
     for (size_t i = 0; i < positions_.size(); ++i) {
       PyObject* v = values[positions_[i]];
       Py_INCREF(v);

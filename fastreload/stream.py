@@ -156,7 +156,7 @@ class _Consumer:
         take, pending, seen, written = self.take, self.pending, self.seen, self.written_targets
         target_index, unit_of = self.layout.target_index, self.plan.unit_of
         remaining, unit_bytes, completed = self.remaining, self.unit_bytes, self.completed
-        tensor_type = torch.Tensor
+        tensor_type, cap = torch.Tensor, self.max_held_bytes
         while True:
             try:
                 item = next(iterator)
@@ -179,7 +179,10 @@ class _Consumer:
             self.held_bytes = held = self.held_bytes + nbytes
             self.bytes_read += nbytes
             if held > self.peak_held_bytes:
-                self.hold(0)  # a new peak: checked against the cap
+                if cap is None:
+                    self.peak_held_bytes = held
+                else:
+                    self.hold(0)  # a new peak: checked against the cap
             unit = unit_of[index]
             unit_bytes[unit] += nbytes
             remaining[unit] -= 1

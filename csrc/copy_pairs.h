@@ -111,8 +111,9 @@ struct PairFacts {
 // The source side of every pair, checked against the destinations. With
 // `expected`, each destination is first compared with its fingerprint; when one
 // differs, *changed is set and the facts are not to be used: read the
-// destinations again. With `sources` (Fingerprints::with_dims_of(*expected)), the
-// source of every pair found acceptable is fingerprinted into it.
+// destinations again. With `sources` (room shaped like the destinations'
+// fingerprints, Fingerprints::with_dims_of), the source of every pair found
+// acceptable is fingerprinted into it.
 std::vector<PairFacts> examine_sources(const Destinations& dsts, at::TensorList dst, at::TensorList src,
                                        const Fingerprints* expected = nullptr, bool* changed = nullptr,
                                        Fingerprints* sources = nullptr);

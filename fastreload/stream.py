@@ -41,10 +41,6 @@ class StreamResult:
     regions: int = 0
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.nbytes
-
-
 class _Consumer:
     def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None,
                  rename, detect, on_written, replay: ReplayPlan | None = None, model=None,
@@ -119,7 +115,7 @@ class _Consumer:
         replay = self.replay
         if replay is not None and name in replay.plan.index:
             replay.take(name, tensor, flush=False)
-            self.hold(_nbytes(tensor))
+            self.hold(tensor.nbytes)
             if replay.ready_bytes >= replay.batch_bytes:
                 replay.flush()
             return
@@ -209,7 +205,7 @@ class _Consumer:
         replay = self.replay
         if replay is not None and name in replay.plan.index:
             replay.take_region(source_name, target, tensor, flush=False)
-            self.hold(_nbytes(tensor))
+            self.hold(tensor.nbytes)
             if replay.ready_bytes >= replay.batch_bytes:
                 replay.flush()
             return
@@ -228,7 +224,7 @@ class _Consumer:
             raise self.fail(regions={f"{name} <- {source_name}": str(problem)}) from None
         except KeyError as repeated:
             raise self.fail(duplicates=[repeated.args[0]]) from None
-        nbytes = _nbytes(tensor)
+        nbytes = tensor.nbytes
         self.held_bytes += nbytes
         self.hold(nbytes)
         if pieces.complete:
@@ -285,7 +281,7 @@ class _Consumer:
                 self._refuse(dsts, srcs, names)
                 raise
         if held is None:
-            held = sum(pending[i].held_bytes if isinstance(pending[i], Pieces) else _nbytes(pending[i])
+            held = sum(pending[i].held_bytes if isinstance(pending[i], Pieces) else pending[i].nbytes
                        for i in indices)
         if len(indices) == len(pending) and not self.pieces_pending:
             pending.clear()  # every pending target written (a whole stream in one batch)

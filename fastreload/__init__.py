@@ -6,7 +6,7 @@ Every parameter and persistent buffer keeps its object and storage; copies are
 fused into few calls of the C++ op torch.ops.fastreload.batched_copy_.
 """
 
-from fastreload import ops
+from fastreload import ops, sync
 from fastreload.errors import ReloadError
 from fastreload.model import forget
 from fastreload.regions import Target
@@ -15,5 +15,5 @@ from fastreload.replay import Recording, record
 from fastreload.report import ReloadReport
 
 __all__ = ["DEFAULT_BATCH_BYTES", "DEFAULT_REPLAY_BATCH_BYTES", "Recording", "ReloadError", "ReloadReport", "Target", "forget", "ops", "record",
-           "reload_layerwise"]
+           "reload_layerwise", "sync"]
 __version__ = "0.1.0"

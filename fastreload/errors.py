@@ -31,8 +31,10 @@ class ReloadError(RuntimeError):
     (fused and sharded targets, by destination or "destination <- source" name ->
     why: out of bounds, another shape than the source, overlapping, not covering
     the destination, a shard count that does not divide the size).
-    For a stream, written_layers and unwritten_layers say where it stopped; they are
-    empty when nothing was written.
+    For a stream or a sync, written_layers and unwritten_layers say where it stopped;
+    they are empty when nothing was written. reason is a problem in words, beyond
+    those kinds (a file, a peer, the transport). In a sync, rank is the rank that
+    refused or failed (where known) and version the update's.
     """
 
     def __init__(
@@ -50,6 +52,9 @@ class ReloadError(RuntimeError):
         held_over: str = "",
         written_layers: Iterable[str] = (),
         unwritten_layers: Iterable[str] = (),
+        reason: str = "",
+        rank: int | None = None,
+        version: int | None = None,
     ) -> None:
         self.missing = tuple(missing)
         self.unexpected = tuple(unexpected)
@@ -62,7 +67,10 @@ class ReloadError(RuntimeError):
         self.regions = dict(regions or {})
         self.written_layers = tuple(written_layers)
         self.unwritten_layers = tuple(unwritten_layers)
-        lines = []
+        self.reason = reason
+        self.rank = rank
+        self.version = version
+        lines = [reason] if reason else []
         if self.missing:
             lines.append(f"missing from the source: {_names(self.missing)}")
         if self.unexpected:
@@ -92,7 +100,11 @@ class ReloadError(RuntimeError):
         if self.written_layers:
             lines.append(f"layers already written: {_names(self.written_layers)}")
             lines.append(f"layers not written: {_names(self.unwritten_layers)}")
-            headline = f"reload stopped after writing {len(self.written_layers)} layers"
+        what = "reload" if version is None else f"update {version}"
+        if rank is not None:
+            what += f" on rank {rank}"
+        if self.written_layers:
+            headline = f"{what} stopped after writing {len(self.written_layers)} layers"
         else:
-            headline = "reload refused, nothing was written"
+            headline = f"{what} refused, nothing was written"
         super().__init__(headline + ":\n  " + "\n  ".join(lines))

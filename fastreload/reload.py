@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
 from fastreload.names import Renamed, detect_wrappers, renamer
-from fastreload.plan import (StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
+from fastreload.plan import (Plan, StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
                              resolve, resolve_exactly)
 from fastreload.regions import Target
 from fastreload.replay import Replay, ReplayPlan, replay_plan
@@ -43,11 +43,59 @@ def _copy(model, layout: Layout, source, strict, batch_bytes, replay_batch_bytes
           on_written) -> tuple[Layout, Work, Replay | None]:
     replay = replay_plan(model, layout)
     if replay is None:
-        plan = plan_for(layout, batch_bytes)
-        work = resolve(plan, source, strict=strict, regions=_regions(plan.layout, source))
+        plan, work = _check_direct(layout, source, strict, batch_bytes)
         _write(plan, work, on_written)
         return layout, work, None
-    return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, replay_batch_bytes, on_written)
+    plan, work, session = _check_replayed(model, replay, source, strict, batch_bytes, replay_batch_bytes,
+                                          on_written)
+    session.flush()
+    _write(plan, work, on_written)
+    return layout, work, session
+
+
+def _check_direct(layout: Layout, source, strict, batch_bytes) -> tuple[Plan, Work]:
+    plan = plan_for(layout, batch_bytes)
+    return plan, resolve(plan, source, strict=strict, regions=_regions(plan.layout, source))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A mapping source checked against a model, nothing written: the pairs to copy
+    directly (work, in plan) and, for a model prepared with record(), the session that
+    takes the replayed units' checkpoint tensors."""
+
+    layout: Layout
+    plan: Plan
+    work: Work
+    session: Replay | None
+    source: Mapping[str, torch.Tensor]  # under the model's names (a Renamed, or the source)
+    renamed: str | None
+
+
+def check_mapping(model: nn.Module, source: Mapping[str, torch.Tensor], *, strict: bool, rename,
+                  batch_bytes: int, replay_batch_bytes: int, on_written=None) -> Checked:
+    """Everything reload_layerwise checks of a mapping before its first write (names,
+    shapes, dtypes, regions, tied names, replayed units), and every pair's copy;
+    raises ReloadError. For callers that write the pairs themselves (a sync)."""
+    for attempt in range(2):
+        layout = layout_of(model)
+        named, renamed = _named(source, renamer(rename), model, layout)
+        replay = replay_plan(model, layout)
+        try:
+            if replay is None:
+                plan, work = _check_direct(layout, named, strict, batch_bytes)
+                session = None
+            else:
+                plan, work, session = _check_replayed(model, replay, named, strict, batch_bytes,
+                                                      replay_batch_bytes, on_written)
+            if work.dsts:
+                check_pairs(work)
+            return Checked(layout, plan, work, session, named, renamed)
+        except StaleLayout:
+            if attempt:
+                raise
+            forget(model)
+    raise AssertionError("unreachable")
 
 
 def _regions(layout: Layout, source):
@@ -58,10 +106,11 @@ def _regions(layout: Layout, source):
     return assemble_regions(layout, regions, source.original)
 
 
-def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, replay_batch_bytes, on_written):
-    """Recorded modules replayed, the others copied directly: every name, shape and
-    dtype of both checked before the first write; then the replayed units (whose
-    processing may still refuse one), then the direct batches."""
+def _check_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, replay_batch_bytes, on_written):
+    """(plan, work, session) of recorded modules replayed, the others copied directly:
+    every name, shape and dtype of both checked, nothing written. The replayed units
+    are to be written first (flush(), whose processing may still refuse one), then
+    the direct batches."""
     plan = plan_for(replay.direct, batch_bytes)
     direct_units = [u.prefix or "<root>" for u in replay.direct.units]
 
@@ -97,9 +146,7 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, repla
         ) from None
     if any(found.values()):
         raise ReloadError(**found)
-    session.flush()
-    _write(plan, work, on_written)
-    return work, session
+    return plan, work, session
 
 
 def _write(plan, work: Work, on_written) -> None:

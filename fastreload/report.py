@@ -26,7 +26,7 @@ class ReloadReport:
     batched_copy_calls: int
     seconds: float
     skipped: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # "mapping", "safetensors" or "stream"; bytes read: of the tensors in the files,
+    # "mapping", "safetensors", "stream" or "sync"; bytes read: of the tensors in the files,
     # or of the tensors a stream sent (None for a mapping, already in memory); for a
     # stream, the most bytes of incoming tensors held at once for layers not yet written.
     source: str = "mapping"
@@ -42,6 +42,12 @@ class ReloadReport:
     # Region writes of fused and sharded targets (see fastreload.Target), among tensors'
     # destinations: a destination written in three regions counts one tensor, three regions.
     regions: int = 0
+    # A sync (fastreload.sync.Receiver): the update's version (None outside a sync),
+    # the bytes that travelled (buckets, header and manifest) and the seconds spent
+    # waiting on the transport once the update had started.
+    version: int | None = None
+    wire_bytes: int = 0
+    transport_seconds: float = 0.0
 
     @property
     def gbps(self) -> float:

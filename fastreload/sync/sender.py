@@ -1,0 +1,299 @@
+"""The trainer's side of a sync: one rank of the group sends every update."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+from fastreload.sync.manifest import Entry, Manifest, describe, wire_dtype_of
+from fastreload.sync.protocol import BUCKET_HEADER_BYTES as HEAD
+from fastreload.sync.protocol import STOPPED, Header, write_bucket_header
+from fastreload.sync.transport import Channel, TransportError
+
+__all__ = ["SendReport", "Sender"]
+
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """What one send() did: the version, the bytes of weights sent (as they
+    travelled, wire_bytes counting header, manifest and bucket headers too), the
+    seconds in all and those spent waiting on the transport, and whether the
+    manifest travelled (False: the receivers reused the previous one)."""
+
+    version: int
+    bytes: int
+    seconds: float
+    wire_bytes: int
+    buckets: int
+    transport_seconds: float
+    manifest_sent: bool
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def __str__(self) -> str:
+        return (f"sent version {self.version}: {self.bytes / 2**20:.1f} MiB in {self.buckets} buckets in "
+                f"{self.seconds * 1e3:.1f} ms ({self.gbps:.2f} GB/s, {self.transport_seconds * 1e3:.1f} ms "
+                f"waiting on the transport)")
+
+
+class Sender:
+    """Sends weights to every Receiver of a group, from this rank:
+
+        sender = fastreload.sync.Sender(group, bucket_bytes=256 * 2**20)
+        sender.send(model.state_dict(), version=7)
+
+    bucket_bytes is the size of each of the two buffers an update is packed into
+    (rounded up to 64 bytes); the receivers learn it from the manifest. With
+    wire_dtype, floating tensors are converted as they are packed and travel in it."""
+
+    def __init__(self, group, bucket_bytes: int = DEFAULT_BUCKET_BYTES, wire_dtype: torch.dtype | None = None) -> None:
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if wire_dtype is not None and not wire_dtype.is_floating_point:
+            raise ValueError(f"wire_dtype converts floating tensors: give a floating dtype, not {wire_dtype}")
+        self.channel = Channel(group, src=group.rank())
+        self.bucket_bytes = -(-bucket_bytes // 64) * 64
+        self.wire_dtype = wire_dtype
+        self._seq = 0
+        self._sent: bytes | None = None  # digest of the manifest the receivers hold
+        self._buffers: list[torch.Tensor] = []
+
+    def send(self, weights: Mapping[str, torch.Tensor] | Iterable, version: int,
+             manifest: Mapping | None = None) -> SendReport:
+        """Sends one update and returns once every receiver has written and committed
+        it; raises ReloadError (on every rank) when any rank refuses or fails.
+
+        weights: a Mapping[str, Tensor], or any iterable of (name, tensor), read once.
+        Without manifest, an iterable that is not a mapping is read whole first.
+        With manifest (name -> anything with .shape and .dtype, in the order the
+        iterable yields), it is read in order and each tensor released once packed."""
+        with torch.no_grad():
+            return self._send(weights, int(version), manifest)
+
+    def _send(self, weights, version: int, manifest) -> SendReport:
+        started = time.perf_counter()
+        if manifest is not None:
+            described, items = describe(manifest, self.wire_dtype), _pairs(weights)
+        elif isinstance(weights, Mapping):
+            described, items = describe(weights, self.wire_dtype), iter(weights.items())
+        else:
+            held = _read_whole(weights)
+            described, items = describe(held, self.wire_dtype), iter(held.items())
+            del held
+        layout = Manifest.plan(described, self.bucket_bytes)
+        self._seq += 1
+        seq = self._seq
+        channel = self.channel
+        waited = 0.0
+
+        def wait(pending) -> None:
+            nonlocal waited
+            t = time.perf_counter()
+            pending.wait()
+            waited += time.perf_counter() - t
+
+        try:
+            encoded = layout.encode()
+            digest = layout.digest()
+            send_manifest = digest != self._sent
+            header = Header(seq, version, digest, len(encoded) if send_manifest else 0,
+                            layout.bucket_bytes, layout.buckets, layout.wire_bytes)
+            channel.signal_start(seq)
+            wait(channel.broadcast(header.tensor(channel.device), f"sending the header of update {version}"))
+            if send_manifest:
+                data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8).to(channel.device)
+                wait(channel.broadcast(data, f"sending the manifest of update {version}"))
+                self._sent = digest
+            refused = channel.agree(True, f"agreeing on the manifest of update {version}")
+            if refused:
+                raise ReloadError(reason=(
+                    f"receivers on ranks {refused} refused the manifest (their errors say why); no rank "
+                    "wrote anything"), rank=refused[0], version=version)
+            stopped = self._send_buckets(layout, items, seq, version, wait)
+            failed = channel.agree(stopped is None, f"committing update {version}")
+        except TransportError as error:
+            raise ReloadError(reason=f"the transport failed: {error}", version=version) from None
+        if stopped is not None:
+            raise ReloadError(reason=f"this sender stopped the update: {stopped}", rank=channel.rank,
+                              version=version)
+        if failed:
+            raise ReloadError(reason=(
+                f"receivers on ranks {failed} failed to write the update (their errors say which "
+                "layers they wrote); the version is committed on no rank"), rank=failed[0], version=version)
+        sent = sum(e.nbytes for e in layout.entries if e.same_as is None)
+        wire = layout.wire_bytes + layout.buckets * HEAD + (len(encoded) if send_manifest else 0)
+        return SendReport(version, sent, time.perf_counter() - started, wire, layout.buckets, waited,
+                          send_manifest)
+
+    # -- buckets
+
+    def _buffer(self, k: int) -> torch.Tensor:
+        while len(self._buffers) <= k:
+            self._buffers.append(torch.empty(HEAD + self.bucket_bytes, dtype=torch.uint8,
+                                             device=self.channel.device))
+        return self._buffers[k]
+
+    def _send_buckets(self, layout: Manifest, items: Iterator, seq: int, version, wait) -> str | None:
+        """Packs and broadcasts every bucket, packing one while the previous travels.
+        Returns None, or why this sender stopped the update (the bucket that says so is
+        sent, and the receivers stop there too)."""
+        packer = _Packer(layout, items, self.wire_dtype)
+        pending: list = [None, None]
+        if layout.buckets == 0:
+            try:
+                packer.finish()
+            except ReloadError as error:
+                return str(error)
+        try:
+            for b in range(layout.buckets):
+                buffer = self._free(b, pending, wait)
+                try:
+                    packer.pack(b, buffer)
+                    if b == layout.buckets - 1:
+                        packer.finish()
+                    write_bucket_header(buffer, seq, b)
+                except ReloadError as error:
+                    reason = str(error)
+                    # The receivers may already wait for the next bucket too: both say stop.
+                    for stop in range(b, min(b + 2, layout.buckets)):
+                        buffer = self._free(stop, pending, wait)
+                        write_bucket_header(buffer, seq, stop, STOPPED, reason)
+                        pending[stop % 2] = self._broadcast(layout, stop, buffer, version)
+                    return reason
+                pending[b % 2] = self._broadcast(layout, b, buffer, version)
+            return None
+        finally:
+            for p in pending:
+                if p is not None:
+                    wait(p)
+
+    def _free(self, b: int, pending: list, wait) -> torch.Tensor:
+        """The buffer of bucket b, once what it held before has gone."""
+        if pending[b % 2] is not None:
+            wait(pending[b % 2])
+            pending[b % 2] = None
+        return self._buffer(b % 2)
+
+    def _broadcast(self, layout: Manifest, b: int, buffer: torch.Tensor, version):
+        return self.channel.broadcast(buffer[:HEAD + layout.bucket_size(b)], f"sending bucket {b} of update {version}")
+
+
+def _pairs(weights) -> Iterator:
+    return iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
+
+
+def _read_whole(weights: Iterable) -> dict:
+    held = {}
+    for item in weights:
+        try:
+            name, tensor = item
+        except (TypeError, ValueError):
+            raise ReloadError(reason=f"weights must be (name, tensor) pairs, got a {type(item).__name__}") from None
+        if name in held:
+            raise ReloadError(duplicates=[name])
+        if not isinstance(tensor, torch.Tensor):
+            raise ReloadError(reason=f"{name!r}: expected a tensor, got {type(tensor).__name__}")
+        held[name] = tensor
+    return held
+
+
+class _Packer:
+    """Fills each bucket from the weights, read in the manifest's order."""
+
+    def __init__(self, layout: Manifest, items: Iterator, wire_dtype) -> None:
+        self.layout = layout
+        self.items = items
+        self.wire_dtype = wire_dtype
+        self.next = 0  # the next entry to read
+        self.open: tuple[Entry, torch.Tensor] | None = None  # a tensor running into later buckets
+
+    def _read(self, entry: Entry) -> torch.Tensor:
+        try:
+            item = next(self.items)
+        except StopIteration:
+            raise ReloadError(missing=[entry.name]) from None
+        except Exception as error:  # the trainer's iterable failed: every rank must hear of it
+            raise ReloadError(reason=f"the weights' iterable raised {type(error).__name__}: {error}") from None
+        try:
+            name, tensor = item
+        except (TypeError, ValueError):
+            raise ReloadError(reason=f"weights must be (name, tensor) pairs, got a {type(item).__name__}") from None
+        if name != entry.name:
+            raise ReloadError(reason=f"the weights yielded {name!r} where the manifest has {entry.name!r} next")
+        if not isinstance(tensor, torch.Tensor):
+            raise ReloadError(reason=f"{name!r}: expected a tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != entry.shape or wire_dtype_of(tensor.dtype, self.wire_dtype) != entry.dtype:
+            raise ReloadError(mismatched={name: (
+                f"the manifest says {entry.dtype} {list(entry.shape)} on the wire, the tensor is "
+                f"{tensor.dtype} {list(tensor.shape)}")})
+        return tensor
+
+    def pack(self, b: int, buffer: torch.Tensor) -> None:
+        layout = self.layout
+        lo, hi = b * layout.bucket_bytes, b * layout.bucket_bytes + layout.bucket_size(b)
+        dsts, srcs = [], []
+        if self.open is not None:
+            entry, flat = self.open
+            self._piece(entry, flat, lo, hi, buffer, dsts, srcs)
+            if entry.offset + entry.nbytes <= hi:
+                self.open = None
+        entries = layout.entries
+        while self.next < len(entries) and entries[self.next].offset < hi:
+            entry = entries[self.next]
+            self.next += 1
+            tensor = self._read(entry)
+            if entry.same_as is not None:
+                continue  # its bytes travel in the slot of the name it is tied to
+            if entry.offset + entry.nbytes <= hi:
+                at = entry.offset - lo
+                dsts.append(buffer[HEAD + at:HEAD + at + entry.nbytes].view(entry.dtype).view(entry.shape))
+                srcs.append(tensor)
+            else:
+                flat = tensor.reshape(-1)
+                self.open = (entry, flat)
+                self._piece(entry, flat, lo, hi, buffer, dsts, srcs)
+        _copy(dsts, srcs)
+
+    def finish(self) -> None:
+        """Reads what is left (empty tensors after the last byte, tied names) and
+        checks that the weights end with the manifest."""
+        for entry in self.layout.entries[self.next:]:
+            self._read(entry)
+        self.next = len(self.layout.entries)
+        try:
+            extra = next(self.items)
+        except StopIteration:
+            return
+        except Exception as error:
+            raise ReloadError(reason=f"the weights' iterable raised {type(error).__name__}: {error}") from None
+        name = extra[0] if isinstance(extra, tuple) and extra else extra
+        raise ReloadError(unexpected=[name], reason="the weights go on past the manifest's last tensor")
+
+    @staticmethod
+    def _piece(entry: Entry, flat: torch.Tensor, lo: int, hi: int, buffer, dsts, srcs) -> None:
+        size = torch.empty((), dtype=entry.dtype).element_size()
+        a, z = max(entry.offset, lo), min(entry.offset + entry.nbytes, hi)
+        dsts.append(buffer[HEAD + a - lo:HEAD + z - lo].view(entry.dtype))
+        srcs.append(flat[(a - entry.offset) // size:(z - entry.offset) // size])
+
+
+def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """The bucket's pairs in one fused copy; a device tensor into a host bucket (which
+    batched_copy_ does not take) by Tensor.copy_."""
+    device = dsts[0].device if dsts else None
+    fused = [i for i, s in enumerate(srcs) if s.device == device or s.is_cpu]
+    if len(fused) == len(srcs):
+        ops.batched_copy_(dsts, srcs)
+        return
+    ops.batched_copy_([dsts[i] for i in fused], [srcs[i] for i in fused])
+    for i in set(range(len(srcs))) - set(fused):
+        dsts[i].copy_(srcs[i])

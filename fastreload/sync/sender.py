@@ -10,7 +10,8 @@ import torch
 
 from fastreload import ops
 from fastreload.errors import ReloadError
-from fastreload.sync.manifest import Entry, Manifest, describe, wire_dtype_of
+from fastreload.plan import Fetcher
+from fastreload.sync.manifest import Entry, Manifest, _memory_key, describe, wire_dtype_of
 from fastreload.sync.protocol import BUCKET_HEADER_BYTES as HEAD
 from fastreload.sync.protocol import STOPPED, Header, write_bucket_header
 from fastreload.sync.transport import Channel, TransportError
@@ -66,6 +67,7 @@ class Sender:
         self._seq = 0
         self._sent: bytes | None = None  # digest of the manifest the receivers hold
         self._buffers: list[torch.Tensor] = []
+        self._packing: _Packing | None = None
 
     def send(self, weights: Mapping[str, torch.Tensor] | Iterable, version: int,
              manifest: Mapping | None = None) -> SendReport:
@@ -82,14 +84,13 @@ class Sender:
     def _send(self, weights, version: int, manifest) -> SendReport:
         started = time.perf_counter()
         if manifest is not None:
-            described, items = describe(manifest, self.wire_dtype), _pairs(weights)
-        elif isinstance(weights, Mapping):
-            described, items = describe(weights, self.wire_dtype), iter(weights.items())
+            layout = Manifest.plan(describe(manifest, self.wire_dtype), self.bucket_bytes)
+            packer, encoded, digest = _Packer(layout, _pairs(weights), self.wire_dtype), None, None
         else:
-            held = _read_whole(weights)
-            described, items = describe(held, self.wire_dtype), iter(held.items())
-            del held
-        layout = Manifest.plan(described, self.bucket_bytes)
+            if not isinstance(weights, Mapping):
+                weights = _read_whole(weights)
+            packer = self._packing_for(weights)
+            layout, encoded, digest = packer.layout, packer.encoded, packer.digest
         self._seq += 1
         seq = self._seq
         channel = self.channel
@@ -102,8 +103,8 @@ class Sender:
             waited += time.perf_counter() - t
 
         try:
-            encoded = layout.encode()
-            digest = layout.digest()
+            if encoded is None:
+                encoded, digest = layout.encode(), layout.digest()
             send_manifest = digest != self._sent
             header = Header(seq, version, digest, len(encoded) if send_manifest else 0,
                             layout.bucket_bytes, layout.buckets, layout.wire_bytes)
@@ -118,7 +119,7 @@ class Sender:
                 raise ReloadError(reason=(
                     f"receivers on ranks {refused} refused the manifest (their errors say why); no rank "
                     "wrote anything"), rank=refused[0], version=version)
-            stopped = self._send_buckets(layout, items, seq, version, wait)
+            stopped = self._send_buckets(layout, packer, seq, version, wait)
             failed = channel.agree(stopped is None, f"committing update {version}")
         except TransportError as error:
             raise ReloadError(reason=f"the transport failed: {error}", version=version) from None
@@ -142,11 +143,24 @@ class Sender:
                                              device=self.channel.device))
         return self._buffers[k]
 
-    def _send_buckets(self, layout: Manifest, items: Iterator, seq: int, version, wait) -> str | None:
+    def _packing_for(self, weights: Mapping) -> _Packing:
+        """The packing of the last mapping sent when this one has the same names,
+        shapes, dtypes and ties (a trainer's state_dict, step after step); else a new one."""
+        packing = self._packing
+        if packing is not None and packing.take(weights):
+            return packing
+        self._packing = None
+        layout = Manifest.plan(describe(weights, self.wire_dtype), self.bucket_bytes)
+        packing = _Packing(layout, [self._buffer(k) for k in range(min(layout.buckets, 2))])
+        if not packing.take(weights):
+            raise ReloadError(reason="the weights changed while they were being described")
+        self._packing = packing
+        return packing
+
+    def _send_buckets(self, layout: Manifest, packer, seq: int, version, wait) -> str | None:
         """Packs and broadcasts every bucket, packing one while the previous travels.
         Returns None, or why this sender stopped the update (the bucket that says so is
         sent, and the receivers stop there too)."""
-        packer = _Packer(layout, items, self.wire_dtype)
         pending: list = [None, None]
         if layout.buckets == 0:
             try:
@@ -284,6 +298,101 @@ class _Packer:
         a, z = max(entry.offset, lo), min(entry.offset + entry.nbytes, hi)
         dsts.append(buffer[HEAD + a - lo:HEAD + z - lo].view(entry.dtype))
         srcs.append(flat[(a - entry.offset) // size:(z - entry.offset) // size])
+
+
+class _Packing:
+    """How a mapping is packed, bucket by bucket, into the sender's two buffers: a
+    bound fused copy per bucket, its sources taken from the mapping in one call
+    (the first and last may be pieces of tensors running over several buckets)."""
+
+    def __init__(self, layout: Manifest, buffers: list[torch.Tensor]) -> None:
+        self.layout = layout
+        self.encoded, self.digest = layout.encode(), layout.digest()
+        order = [e for e in layout.entries if e.same_as is None]
+        self.names = tuple(e.name for e in order)
+        self.fetch = Fetcher(self.names)
+        self.tied = [(e.name, e.same_as) for e in layout.entries if e.same_as is not None]
+        self.shapes = [torch.Size(e.shape) for e in order]
+        self.dtypes: list[torch.dtype] | None = None  # the sources', from the first mapping
+        B = layout.bucket_bytes
+        # Per bucket: (piece running in, whole entries [a, z), piece running on); a
+        # piece is (entry index, first element, end element) of a tensor larger
+        # than what is left of the bucket.
+        self.recipes, self.dsts, self.copies = [], [], []
+        i, n = 0, len(order)
+        for b in range(layout.buckets):
+            lo, hi = b * B, b * B + layout.bucket_size(b)
+            buffer, dsts = buffers[b % 2], []
+            while i < n and order[i].offset + order[i].nbytes <= lo:
+                i += 1  # written in earlier buckets (or empty)
+            head = tail = None
+            if i < n and order[i].offset < lo:
+                head = self._piece(order, i, lo, hi, buffer, dsts)
+                if order[i].offset + order[i].nbytes <= hi:
+                    i += 1
+            a = i
+            if head is None or head[0] != i:  # the piece running in ended here
+                while i < n and order[i].offset < hi and order[i].offset + order[i].nbytes <= hi:
+                    e = order[i]
+                    at = HEAD + e.offset - lo
+                    dsts.append(buffer[at:at + e.nbytes].view(e.dtype).view(e.shape))
+                    i += 1
+                if i < n and order[i].offset < hi:
+                    tail = self._piece(order, i, lo, hi, buffer, dsts)
+            self.recipes.append((head, a, i, tail))
+            self.dsts.append(dsts)
+            self.copies.append(ops.BoundCopy(dsts, [len(dsts)]) if dsts else None)
+        self.values: tuple = ()
+        self._flat: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _piece(order, i: int, lo: int, hi: int, buffer: torch.Tensor, dsts: list) -> tuple[int, int, int]:
+        e = order[i]
+        size = torch.empty((), dtype=e.dtype).element_size()
+        a, z = max(e.offset, lo), min(e.offset + e.nbytes, hi)
+        dsts.append(buffer[HEAD + a - lo:HEAD + z - lo].view(e.dtype))
+        return i, (a - e.offset) // size, (z - e.offset) // size
+
+    def take(self, weights: Mapping) -> bool:
+        """Takes this update's tensors when the mapping matches the packing."""
+        if len(weights) != len(self.names) + len(self.tied):
+            return False
+        try:
+            values = self.fetch(weights)
+            dtypes = [t.dtype for t in values]
+            if [t.shape for t in values] != self.shapes:
+                return False
+            for second, first in self.tied:
+                if _memory_key(weights[second]) != _memory_key(weights[first]) or _memory_key(weights[first]) is None:
+                    return False
+        except (KeyError, AttributeError, TypeError):
+            return False
+        if self.dtypes is None:
+            self.dtypes = dtypes
+        elif dtypes != self.dtypes:
+            return False
+        self.values, self._flat = values, {}
+        return True
+
+    def _flat_of(self, i: int) -> torch.Tensor:
+        flat = self._flat.get(i)
+        if flat is None:
+            flat = self._flat[i] = self.values[i].reshape(-1)
+        return flat
+
+    def pack(self, b: int, buffer: torch.Tensor) -> None:
+        head, a, z, tail = self.recipes[b]
+        srcs = self.values[a:z]
+        if head is not None:
+            srcs = (self._flat_of(head[0])[head[1]:head[2]], *srcs)
+        if tail is not None:
+            srcs = (*srcs, self._flat_of(tail[0])[tail[1]:tail[2]])
+        copy = self.copies[b]
+        if copy is not None and copy(srcs) is not None:
+            _copy(self.dsts[b], list(srcs))  # what the fused copy refused: a device tensor into the host
+
+    def finish(self) -> None:
+        self.values, self._flat = (), {}
 
 
 def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:

@@ -182,7 +182,7 @@ def _methods(cfg: Config, rank: int, group, model, weights):
     def limit():
         net.broadcast(limit_buffer)
 
-    return {SYNC: sync, PER_TENSOR: per_tensor, PACKED: packed, LIMIT: limit}, net, total, receiver
+    return {SYNC: sync, PER_TENSOR: per_tensor, PACKED: packed, LIMIT: limit}, net, total, sender or receiver
 
 
 def _rank(cfg: Config, rank: int, port: int, results) -> None:
@@ -195,7 +195,7 @@ def _rank(cfg: Config, rank: int, port: int, results) -> None:
         weights = _weights(_model(cfg), seed=7) if rank == 0 else None
         group = connect("127.0.0.1", port, rank=rank, world_size=cfg.receivers + 1, backend=cfg.backend,
                         timeout=cfg.timeout)
-        methods, net, total, receiver = _methods(cfg, rank, group, model, weights)
+        methods, net, total, side = _methods(cfg, rank, group, model, weights)
         samples = {name: [] for name in methods}
         names = list(methods)
         for round_ in range(cfg.warmup + cfg.repeats):
@@ -225,7 +225,8 @@ def _rank(cfg: Config, rank: int, port: int, results) -> None:
             expected = _weights(_model(cfg), seed=7)
             live = model.state_dict()
             wrong = [n for n, t in expected.items() if not torch.equal(live[n], t)]
-        results.put((rank, {"samples": samples, "peaks": peaks, "total": total, "wrong": wrong,
+        held = side.held_bytes  # the buffers the sender or receiver keeps between updates
+        results.put((rank, {"samples": samples, "peaks": peaks, "total": total, "wrong": wrong, "held": held,
                             "tensors": len(model.state_dict()) if model is not None else len(weights)}))
     except BaseException:  # noqa: BLE001 - reported by the parent
         results.put((rank, {"error": traceback.format_exc()}))
@@ -276,7 +277,9 @@ def summarize(cfg: Config, out: dict) -> dict:
             "receiver_extra_mib": max(out[r]["peaks"][name] for r in out if r != 0) / 2**20,
         }
     wrong = {r: v["wrong"] for r, v in out.items() if v["wrong"]}
-    return {"rows": rows, "bytes": total, "tensors": out[1]["tensors"], "wrong": wrong}
+    held = {"sender_mib": sender["held"] / 2**20,
+            "receiver_mib": max(out[r]["held"] for r in out if r != 0) / 2**20}
+    return {"rows": rows, "bytes": total, "tensors": out[1]["tensors"], "wrong": wrong, "held": held}
 
 
 def main(argv=None) -> None:
@@ -305,7 +308,9 @@ def main(argv=None) -> None:
           f"{result['rows'][PER_TENSOR]['ms'] / ours['ms']:.1f}x the per-tensor broadcast, "
           f"{result['rows'][PACKED]['ms'] / ours['ms']:.2f}x the packed buckets; extra memory "
           f"{ours['sender_extra_mib']:.0f} MiB on the sender, {ours['receiver_extra_mib']:.0f} MiB on a "
-          f"receiver (two buckets: {2 * cfg.bucket_mib} MiB)")
+          f"receiver during an update, beside the buffers it keeps between updates: "
+          f"{result['held']['sender_mib']:.0f} MiB and {result['held']['receiver_mib']:.0f} MiB "
+          f"(two buckets: {2 * cfg.bucket_mib} MiB)")
     if result["wrong"]:
         raise SystemExit(f"receivers hold wrong values after the sync: {result['wrong']}")
     print(f"checked: every receiver holds the sender's weights ({time.perf_counter() - started:.0f} s in all)")

@@ -55,6 +55,7 @@ class ReloadReport:
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{len(v)} {k}" for k, v in self.skipped.items() if v) or "none"
-        return (f"reloaded {self.tensors} tensors in {self.layers} layers, "
+        what = "reloaded" if self.version is None else f"received version {self.version}:"
+        return (f"{what} {self.tensors} tensors in {self.layers} layers, "
                 f"{self.bytes / 2**20:.1f} MiB in {self.seconds * 1e3:.1f} ms "
                 f"({self.gbps:.2f} GB/s, {self.batched_copy_calls} fused copies); skipped: {skipped}")

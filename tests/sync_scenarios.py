@@ -190,6 +190,24 @@ def _group(rank, world, port, timeout):
     return connect("127.0.0.1", port, rank=rank, world_size=world, timeout=timeout)
 
 
+def in_one_world(rank, world, port, *, role, **options):
+    """A scenario on a group of a torchrun-like world (init_process_group, then
+    new_group), instead of connect()'s group of its own."""
+    import datetime
+
+    import torch.distributed as dist
+    global _group
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    made = _group
+    _group = lambda *_args: dist.new_group(list(range(world)))  # noqa: E731
+    try:
+        return role(rank, world, port, **options)
+    finally:
+        _group = made
+        dist.destroy_process_group()
+
+
 def send(rank, world, port, *, kind="moe", versions=(1,), bucket_bytes=4096, wire_dtype=None, order="model",
          manifest=False, timeout=30.0, weights_of=None, die_at=None, lie_in=()):
     """Sends each version; with lie_in, those versions' iterables contradict their

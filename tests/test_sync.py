@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from sync_scenarios import Pool, ok, receive, send
+from sync_scenarios import Pool, in_one_world, ok, receive, send
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,10 @@ def test_no_update_within_the_timeout_and_a_sender_gone(pool):
     status, r = results[1]
     assert status == "ok" and [d["version"] for d in r["done"]] == [1] and "no update" in r["error"]
     assert time.monotonic() - started < 20
+
+
+def test_a_group_of_the_processes_own_world(pool):
+    # dist.new_group inside one init_process_group world, as under torchrun.
+    ok(pool.run([(in_one_world, dict(role=send, versions=(1, 2))),
+                 (in_one_world, dict(role=receive, versions=(1, 2))),
+                 (in_one_world, dict(role=receive, versions=(1, 2)))]))

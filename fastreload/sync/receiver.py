@@ -51,6 +51,13 @@ class Receiver:
         self._manifest: tuple[bytes, Manifest] | None = None
         self._schedule: Schedule | None = None
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes kept between updates: the two bucket buffers, and staging for tensors
+        larger than a bucket whose destination is not one contiguous run of bytes."""
+        schedule = self._schedule
+        return 0 if schedule is None else sum(b.numel() for b in schedule.buffers) + schedule.staging_bytes
+
     def receive(self, timeout: float | None = None) -> ReloadReport:
         """Waits up to `timeout` seconds (None: as long as it takes) for the next
         update to start, then receives and writes it whole, each wait after that

@@ -100,7 +100,8 @@ class _Builder:
         self.manifest = manifest
         self.B = manifest.bucket_bytes
         self.base = base.data_ptr()
-        self.buffers = [torch.empty(HEAD + self.B, dtype=torch.uint8, device=device, pin_memory=pin)
+        size = min(self.B, -(-manifest.wire_bytes // 64) * 64)  # a model smaller than a bucket needs no more
+        self.buffers = [torch.empty(HEAD + size, dtype=torch.uint8, device=device, pin_memory=pin)
                         for _ in range(min(manifest.buckets, 2))]
         self.buckets = [BucketWork() for _ in range(manifest.buckets)]
         self.typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -113,7 +114,7 @@ class _Builder:
     def _typed(self, k: int, dtype: torch.dtype) -> torch.Tensor:
         view = self.typed.get((k, dtype))
         if view is None:
-            view = self.typed[k, dtype] = self.buffers[k][HEAD:HEAD + self.B].view(dtype)
+            view = self.typed[k, dtype] = self.buffers[k][HEAD:].view(dtype)
         return view
 
     def _entry_of(self, start: int) -> tuple[int, int]:

@@ -69,6 +69,11 @@ class Sender:
         self._buffers: list[torch.Tensor] = []
         self._packing: _Packing | None = None
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the two bucket buffers kept between updates."""
+        return sum(b.numel() for b in self._buffers if b is not None)
+
     def send(self, weights: Mapping[str, torch.Tensor] | Iterable, version: int,
              manifest: Mapping | None = None) -> SendReport:
         """Sends one update and returns once every receiver has written and committed
@@ -137,11 +142,18 @@ class Sender:
 
     # -- buckets
 
-    def _buffer(self, k: int) -> torch.Tensor:
+    def _buffer(self, k: int, nbytes: int | None = None) -> torch.Tensor:
+        """Bucket buffer k, of at least nbytes of weights (a model smaller than a bucket
+        needs no more). A larger one replaces it, and the packing bound to it."""
         while len(self._buffers) <= k:
-            self._buffers.append(torch.empty(HEAD + self.bucket_bytes, dtype=torch.uint8,
-                                             device=self.channel.device))
-        return self._buffers[k]
+            self._buffers.append(None)
+        buffer = self._buffers[k]
+        if buffer is None or (nbytes is not None and buffer.numel() < HEAD + nbytes):
+            self._buffers[k] = None  # freed before its successor is allocated
+            self._packing = None
+            buffer = self._buffers[k] = torch.empty(HEAD + (nbytes or self.bucket_bytes), dtype=torch.uint8,
+                                                     device=self.channel.device)
+        return buffer
 
     def _packing_for(self, weights: Mapping) -> _Packing:
         """The packing of the last mapping sent when this one has the same names,
@@ -151,7 +163,7 @@ class Sender:
             return packing
         self._packing = None
         layout = Manifest.plan(describe(weights, self.wire_dtype), self.bucket_bytes)
-        packing = _Packing(layout, [self._buffer(k) for k in range(min(layout.buckets, 2))])
+        packing = _Packing(layout, [self._buffer(k, _buffer_size(layout)) for k in range(min(layout.buckets, 2))])
         if not packing.take(weights):
             raise ReloadError(reason="the weights changed while they were being described")
         self._packing = packing
@@ -169,7 +181,7 @@ class Sender:
                 return str(error)
         try:
             for b in range(layout.buckets):
-                buffer = self._free(b, pending, wait)
+                buffer = self._free(layout, b, pending, wait)
                 try:
                     packer.pack(b, buffer)
                     if b == layout.buckets - 1:
@@ -179,7 +191,7 @@ class Sender:
                     reason = str(error)
                     # The receivers may already wait for the next bucket too: both say stop.
                     for stop in range(b, min(b + 2, layout.buckets)):
-                        buffer = self._free(stop, pending, wait)
+                        buffer = self._free(layout, stop, pending, wait)
                         write_bucket_header(buffer, seq, stop, STOPPED, reason)
                         pending[stop % 2] = self._broadcast(layout, stop, buffer, version)
                     return reason
@@ -190,15 +202,20 @@ class Sender:
                 if p is not None:
                     wait(p)
 
-    def _free(self, b: int, pending: list, wait) -> torch.Tensor:
+    def _free(self, layout: Manifest, b: int, pending: list, wait) -> torch.Tensor:
         """The buffer of bucket b, once what it held before has gone."""
         if pending[b % 2] is not None:
             wait(pending[b % 2])
             pending[b % 2] = None
-        return self._buffer(b % 2)
+        return self._buffer(b % 2, _buffer_size(layout))
 
     def _broadcast(self, layout: Manifest, b: int, buffer: torch.Tensor, version):
         return self.channel.broadcast(buffer[:HEAD + layout.bucket_size(b)], f"sending bucket {b} of update {version}")
+
+
+def _buffer_size(layout: Manifest) -> int:
+    """Bytes of weights a bucket buffer holds: a bucket, or less for a smaller model."""
+    return min(layout.bucket_bytes, -(-layout.wire_bytes // 64) * 64)
 
 
 def _pairs(weights) -> Iterator:

@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)
 
-.PHONY: test bench install pytest ctest cuda-check clean
+.PHONY: test bench bench-sync install pytest ctest cuda-check clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -39,6 +39,9 @@ test: install ctest pytest cuda-check
 
 bench: install
 	$(PY) benchmarks/reload_moe.py $(BENCH_ARGS)
+
+bench-sync: install
+	$(PY) benchmarks/sync.py $(SYNC_ARGS)
 
 clean:
 	rm -rf build $(VENV) .venv-cuda fastreload/_C*.so *.egg-info

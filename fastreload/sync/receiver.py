@@ -90,14 +90,19 @@ class Receiver:
         started = begun  # what counts is the update, not the wait for it to start
         written: set[int] = set()  # layers written whole so far
         session = None
+        unreadable = None
         try:
             wire = header_tensor.numel() * header_tensor.element_size()
             if header.manifest_bytes:
                 data = torch.empty(header.manifest_bytes, dtype=torch.uint8, device=channel.device)
                 wait(channel.broadcast(data, f"receiving the manifest of update {version}"))
                 wire += header.manifest_bytes
-                self._manifest = (header.digest, Manifest.decode(bytes(data.cpu().tolist())))
-            problem, schedule = self._prepare(header)
+                self._manifest = None
+                try:
+                    self._manifest = (header.digest, Manifest.decode(data.cpu().numpy().tobytes()))
+                except ReloadError as error:
+                    unreadable = error  # refused below, in the agreement: no rank is left waiting
+            problem, schedule = self._prepare(header) if unreadable is None else (unreadable, None)
             refused = channel.agree(problem is None, f"agreeing on the manifest of update {version}")
             if problem is not None:
                 raise ReloadError(**_fields(problem), rank=channel.rank, version=version) from None
@@ -145,6 +150,8 @@ class Receiver:
                     replay_batch_bytes=self.batch_bytes or DEFAULT_REPLAY_BATCH_BYTES)
         except ReloadError as error:
             return error, None
+        except Exception as error:  # noqa: BLE001 - refused in the agreement, not left to hang the others
+            return ReloadError(reason=f"checking the manifest failed: {type(error).__name__}: {error}"), None
         self._schedule = schedule
         return None, schedule
 
@@ -193,6 +200,8 @@ class Receiver:
                         written.update(work.units_done)
                     except ReloadError as error:
                         failure = error  # the rest is still received, to stay in step
+                    except Exception as error:  # noqa: BLE001 - the same: reported at the commit
+                        failure = ReloadError(reason=f"writing bucket {b} failed: {type(error).__name__}: {error}")
                 if bar is not None:
                     bar.update(manifest.bucket_size(b))
             if failure is None and session is not None:
@@ -201,6 +210,9 @@ class Receiver:
                         session.flush()
                 except ReloadError as error:
                     failure = error
+                except Exception as error:  # noqa: BLE001 - reported at the commit
+                    failure = ReloadError(reason=f"replaying the processed layers failed: {type(error).__name__}: "
+                                                 f"{error}")
             return failure, None, calls
         finally:
             if bar is not None:

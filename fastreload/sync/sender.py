@@ -187,8 +187,8 @@ class Sender:
                     if b == layout.buckets - 1:
                         packer.finish()
                     write_bucket_header(buffer, seq, b)
-                except ReloadError as error:
-                    reason = str(error)
+                except Exception as error:  # noqa: BLE001 - every rank must hear why the update stops
+                    reason = str(error) if isinstance(error, ReloadError) else f"{type(error).__name__}: {error}"
                     # The receivers may already wait for the next bucket too: both say stop.
                     for stop in range(b, min(b + 2, layout.buckets)):
                         buffer = self._free(layout, stop, pending, wait)

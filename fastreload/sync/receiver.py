@@ -63,7 +63,6 @@ class Receiver:
         update to start, then receives and writes it whole, each wait after that
         bounded by the group's timeout. Raises ReloadError when this or any other rank
         refuses or fails it (naming the rank, the version and the layers written)."""
-        started = time.perf_counter()
         self._seq += 1
         seq = self._seq
         channel = self.channel
@@ -76,7 +75,7 @@ class Receiver:
 
         try:
             channel.wait_start(seq, timeout)
-            begun = time.perf_counter()
+            started = time.perf_counter()  # what counts is the update, not the wait for it to start
             header_tensor = Header.empty(channel.device)
             wait(channel.broadcast(header_tensor, "waiting for the update's header", channel.start_timeout(timeout)))
         except TransportError as error:
@@ -87,7 +86,6 @@ class Receiver:
             # Out of step, or not our sender: nothing on this group can be trusted now.
             raise ReloadError(reason=error.reason, rank=channel.rank) from None
         version = header.version
-        started = begun  # what counts is the update, not the wait for it to start
         written: set[int] = set()  # layers written whole so far
         session = None
         unreadable = None
@@ -99,7 +97,10 @@ class Receiver:
                 wire += header.manifest_bytes
                 self._manifest = None
                 try:
-                    self._manifest = (header.digest, Manifest.decode(data.cpu().numpy().tobytes()))
+                    manifest = Manifest.decode(data.cpu().numpy().tobytes())
+                    if manifest.digest() != header.digest:
+                        raise ReloadError(reason="the manifest arrived damaged (its digest differs from the header's)")
+                    self._manifest = (header.digest, manifest)
                 except ReloadError as error:
                     unreadable = error  # refused below, in the agreement: no rank is left waiting
             problem, schedule = self._prepare(header) if unreadable is None else (unreadable, None)

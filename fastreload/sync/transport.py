@@ -49,7 +49,8 @@ def connect(host: str, port: int, *, rank: int, world_size: int, backend: str = 
     side's default group is touched. Call the group's own methods, or hand it to
     fastreload.sync.Sender / Receiver; torch.distributed's module-level functions
     do not know it. `timeout` (seconds) bounds the rendezvous and every wait once
-    an update has started."""
+    an update has started. The group keeps its store as `group.fastreload_store`
+    (its keys "start/N" are the sync's own), for a job's own signals."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a group of world_size {world_size}")
     delta = datetime.timedelta(seconds=timeout)

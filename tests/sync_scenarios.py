@@ -249,10 +249,11 @@ def _dying(items, at):
 
 
 def receive(rank, world, port, *, kind="moe", versions=(1,), wire_dtype=None, rename=None, strict=True,
-            dtype=None, timeout=30.0, wait=-1, die_in_bucket=None, check=True, go_on=False):
+            dtype=None, timeout=30.0, wait=-1, die_in_bucket=None, check=True, go_on=False, sent_kind=None):
     """Receives each version and checks the model; a ReloadError ends it with a
     summary (or, with go_on, is recorded and the next version received). timeout:
-    the group's; wait: for each update to start (by default the same)."""
+    the group's; wait: for each update to start (by default the same); sent_kind: the
+    sender's model, when it is not this one (its tensors are checked)."""
     group = _group(rank, world, port, timeout)
     model = new_model(kind, dtype)
     before, ids = snapshot(model), identity(model)
@@ -276,7 +277,7 @@ def receive(rank, world, port, *, kind="moe", versions=(1,), wire_dtype=None, re
         assert identity(model) == ids, "a tensor object or pointer changed"
         if check:
             expected = (SHARDED[rename](version, rank, world) if rename in SHARDED
-                        else expected_state(kind, version, model, wire_dtype))
+                        else expected_state(sent_kind or kind, version, model, wire_dtype))
             live = model.state_dict()
             wrong = [k for k in expected if not torch.equal(live[k], expected[k])]
             assert not wrong, f"version {version}: wrong values in {wrong[:5]}"

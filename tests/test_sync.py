@@ -159,3 +159,10 @@ def test_a_group_of_the_processes_own_world(pool):
     ok(pool.run([(in_one_world, dict(role=send, versions=(1, 2))),
                  (in_one_world, dict(role=receive, versions=(1, 2))),
                  (in_one_world, dict(role=receive, versions=(1, 2)))]))
+
+
+def test_not_strict_leaves_what_the_sender_lacks_and_reports_it(pool):
+    sent, received = ok(pool.run([(send, dict(versions=(1,))),
+                                  (receive, dict(kind="moe_deeper", sent_kind="moe", versions=(1,), strict=False))]))
+    done, = received["done"]
+    assert done["skipped"]["missing"] == 35  # the fourth block's tensors, kept as they were

@@ -75,6 +75,7 @@ class Renamed(Mapping[str, torch.Tensor]):
 
     def __init__(self, source: Mapping[str, torch.Tensor], rename: Callable[[str], str | Target]) -> None:
         self._source = source
+        self.rename = rename
         self._original: dict[str, str] = {}
         self.regions: list[tuple[Target, str]] = []
         clashes = []

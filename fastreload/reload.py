@@ -14,6 +14,7 @@ from torch import nn
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
+from fastreload.hf import detected_rename
 from fastreload.names import Renamed, detect_wrappers, renamer
 from fastreload.plan import (StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
                              resolve, resolve_exactly)
@@ -55,7 +56,7 @@ def _regions(layout: Layout, source):
     regions = getattr(source, "regions", None)
     if not regions:
         return None
-    return assemble_regions(layout, regions, source.original)
+    return assemble_regions(layout, regions, source.original, getattr(source.rename, "sources_of", None))
 
 
 def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, replay_batch_bytes, on_written):
@@ -78,7 +79,8 @@ def _copy_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, repla
     else:
         found["missing"] = []
     regions = [(t, n) for t, n in regions if t.name not in index]
-    regions = assemble_regions(plan.layout, regions, source.original) if regions else None
+    regions = assemble_regions(plan.layout, regions, source.original,
+                               getattr(source.rename, "sources_of", None)) if regions else None
     work = None
     if session.names_taken is not None and regions is None:
         work = resolve_exactly(plan, source, session.names_taken + sum(n in source for n in ignored))
@@ -147,6 +149,11 @@ def _named(source, rename, model, layout: Layout):
         leading = next(iter(replay.index), None)
     else:
         leading = layout.targets[0].name if layout.targets else None
+    hub = detected_rename(model)
+    if hub is not None and hub.describes(source):
+        if all(n in hub or known(n) for n in source):
+            logger.info("fastreload: source in the %s", hub.description)
+            return Renamed(source, hub), hub.description
     if leading is None or leading in source or all(map(known, source)):
         return source, None
     found = detect_wrappers(source, known)
@@ -225,7 +232,8 @@ def reload_layerwise(
                 done = consume(plan, source, strict=strict, batch_bytes=batch_bytes,
                                max_held_bytes=max_held_bytes, rename=rename,
                                detect=_known_to(layout, replay), on_written=on_written,
-                               replay=replay, model=model, replay_batch_bytes=replay_batch_bytes)
+                               replay=replay, model=model, replay_batch_bytes=replay_batch_bytes,
+                               hub=detected_rename(model))
                 calls, bytes_read, peak, renamed = (done.batched_copy_calls, done.bytes_read,
                                                     done.peak_held_bytes, done.renamed)
                 replayed, custom_loaded = done.replayed, done.custom_loaded

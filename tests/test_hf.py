@@ -1,0 +1,115 @@
+"""transformers models reloaded from checkpoints in the format save_pretrained writes
+(the Hub's: one tensor per expert and projection), through their conversion mapping,
+in place; compared with transformers' own from_pretrained of the same directory."""
+
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+import fastreload  # noqa: E402
+from fastreload import ReloadError, Target, reload_layerwise  # noqa: E402
+from fastreload.hf import hub_rename  # noqa: E402
+
+from test_reload import assert_same_objects_and_pointers, assert_untouched, snapshot  # noqa: E402
+
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0)
+EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+
+# model type -> (config class, model class, config arguments)
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(EXPERTS, shared_expert_intermediate_size=8)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", EXPERTS),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        moe_num_experts=4, moe_k=2, moe_intermediate_size=8, moe_num_shared_experts=1, moe_layer_start_index=1)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
+        block_size=4)),
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=0, mamba_d_state=4, mamba_d_conv=2, mamba_expand=2,
+        mamba_dt_rank=4, use_mamba_kernels=False)),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        layers_block_type=["mamba", "moe", "attention"], num_hidden_layers=3, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=8, moe_shared_expert_intermediate_size=8,
+        n_groups=1, n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=4,
+        mamba_d_conv=2, expand=2, chunk_size=4, use_mamba_kernels=False)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        EXPERTS, shared_expert_intermediate_size=8, layer_types=["linear_attention", "full_attention"],
+        linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_conv_kernel_dim=2)),
+}
+
+
+def build(model_type: str, seed: int):
+    config_name, model_name, extra = MODELS[model_type]
+    config = getattr(transformers, config_name)(**{**SMALL, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # every tensor distinct and nonzero, unlike some initialisations
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def saved(request, tmp_path_factory):
+    """A model type, a directory save_pretrained wrote in the default (Hub) format, and
+    from_pretrained's model of that directory."""
+    model_type = request.param
+    directory = tmp_path_factory.mktemp(model_type)
+    build(model_type, seed=1).save_pretrained(directory)
+    expected = type(build(model_type, seed=2)).from_pretrained(directory).eval()
+    return model_type, directory, expected
+
+
+def stream(directory, seed=0):
+    pairs = list(load_file(directory / "model.safetensors").items())
+    random.Random(seed).shuffle(pairs)
+    return iter(pairs)
+
+
+def assert_matches(model, expected) -> None:
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    tokens = torch.arange(1, 9).reshape(1, 8)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, expected(tokens).logits)
+
+
+@pytest.mark.parametrize("kind", ["directory", "mapping", "stream"])
+def test_checkpoint_format_reloaded_in_place_as_from_pretrained_loads_it(saved, kind):
+    model_type, directory, expected = saved
+    model = build(model_type, seed=3)
+    before = snapshot(model)
+    source = {"directory": lambda: directory,
+              "mapping": lambda: load_file(directory / "model.safetensors"),
+              "stream": lambda: stream(directory)}[kind]()
+    report = reload_layerwise(model, source)
+    assert_matches(model, expected)
+    assert_same_objects_and_pointers(model, before)
+    if model_type == "llama":
+        assert report.renamed is None and report.regions == 0
+    else:
+        assert report.renamed == f"transformers checkpoint format ({model_type})"
+        assert report.regions > 0
+    again = reload_layerwise(model, source if kind != "stream" else stream(directory, seed=1))
+    assert again.renamed == report.renamed and again.regions == report.regions
+    assert_matches(model, expected)

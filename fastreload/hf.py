@@ -232,10 +232,14 @@ def _probe(loading, model, model_type: str, converter, first: str, members, shap
         if name not in meta or tuple(outputs[name].shape) != tuple(meta[name].shape):
             raise refuse(f"gives {name!r} of shape {tuple(outputs[name].shape)}, which the model does not hold")
     result, covered = [], {name: 0 for name in names}
+    # Each output inverted: where each probe value landed in it (-1: not there).
+    ordered = {name: _inverse(outputs[name], total) for name in names}
+    if any(where is None for where in ordered.values()):
+        raise refuse("does not give each model element one checkpoint element (values changed)")
     for pattern, source in members:
         found = None
         for position, name in enumerate(names):
-            target = _target(name, outputs[name], probes[source], offsets[source])
+            target = _target(name, outputs[name], ordered[name], probes[source], offsets[source])
             if target is not None:
                 if found is not None:
                     raise refuse(f"writes {source!r} into two model tensors")
@@ -260,19 +264,38 @@ def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:
     return torch.stack(coords[::-1], 1) if coords else flat.new_zeros(flat.shape[0], 0)
 
 
-def _target(name: str, out: torch.Tensor, probe: torch.Tensor, offset: int) -> Target | None:
-    """The Target that writes the probe's elements where the conversion put them in
-    out, if they landed as a view of out (checked element by element); else None."""
+def _coordinates(flat: torch.Tensor, shape) -> list[torch.Tensor]:
+    """The index along each dimension of shape of each flat position."""
+    coords = []
+    for size in reversed(shape):
+        coords.append(flat % size)
+        flat = flat // size
+    return coords[::-1]
+
+
+def _inverse(out: torch.Tensor, total: int) -> torch.Tensor | None:
+    """where[v]: the flat position in out of probe value v, -1 where v is not in out;
+    None if out holds a value twice or one that is no probe position."""
     flat = out.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= total):
+        return None
+    where = torch.full((total,), -1, dtype=torch.int64)
+    where[flat] = torch.arange(flat.numel())
+    return where if int((where >= 0).sum()) == flat.numel() else None
+
+
+def _target(name: str, out: torch.Tensor, where: torch.Tensor, probe: torch.Tensor, offset: int) -> Target | None:
+    """The Target that writes the probe's elements where the conversion put them in
+    out, if they landed as a view of out (checked element by element); else None.
+    where: _inverse(out)."""
     n = probe.numel()
-    positions = ((flat >= offset) & (flat < offset + n)).nonzero().squeeze(1)
-    if positions.numel() == 0:
+    positions = where[offset:offset + n]
+    present = positions >= 0
+    if not bool(present.any()):
         return None
-    values = flat[positions] - offset
-    order = values.argsort()
-    values, positions = values[order], positions[order]
-    if values.unique_consecutive().numel() != values.numel():
-        return None
+    values = torch.arange(n)
+    if not bool(present.all()):
+        values, positions = values[present], positions[present]
     shape = tuple(probe.shape)
     low = _unravel(values[:1], shape)[0] if shape else values[:1]
     high = _unravel(values[-1:], shape)[0] if shape else values[-1:]
@@ -285,8 +308,8 @@ def _target(name: str, out: torch.Tensor, probe: torch.Tensor, offset: int) -> T
     source = {} if not partial else {"source_slice": (int(low[partial[0]]), extent[partial[0]]),
                                      "shard_dim": partial[0]}
     dshape = tuple(out.shape)
-    coords = _unravel(positions, dshape)
-    dlow, dhigh = coords.min(0).values.tolist(), coords.max(0).values.tolist()
+    coords = _coordinates(positions, dshape)
+    dlow, dhigh = [int(c.min()) for c in coords], [int(c.max()) for c in coords]
     dextent = [h - lo + 1 for lo, h in zip(dlow, dhigh)]
     leading = next((d for d, e in enumerate(dextent) if e != 1), len(dshape))
     for k in range(leading, -1, -1):

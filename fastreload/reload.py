@@ -14,11 +14,12 @@ from torch import nn
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
-from fastreload.hf import detected_rename
+from fastreload.hf import HubRename, detected_rename
 from fastreload.names import Renamed, detect_wrappers, renamer
 from fastreload.plan import (StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
                              resolve, resolve_exactly)
 from fastreload.regions import Target
+from fastreload.renamed_plan import cached_work, remember
 from fastreload.replay import Replay, ReplayPlan, replay_plan
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
@@ -45,8 +46,13 @@ def _copy(model, layout: Layout, source, strict, batch_bytes, replay_batch_bytes
     replay = replay_plan(model, layout)
     if replay is None:
         plan = plan_for(layout, batch_bytes)
+        work = cached_work(plan, source, batch_bytes, on_written)
+        if work is not None:
+            return layout, work, None
         work = resolve(plan, source, strict=strict, regions=_regions(plan.layout, source))
         _write(plan, work, on_written)
+        if isinstance(source, Renamed) and isinstance(source.rename, HubRename):
+            remember(plan, source, work, batch_bytes)
         return layout, work, None
     return layout, *_copy_replayed(model, replay, source, strict, batch_bytes, replay_batch_bytes, on_written)
 
@@ -151,9 +157,8 @@ def _named(source, rename, model, layout: Layout):
         leading = layout.targets[0].name if layout.targets else None
     hub = detected_rename(model)
     if hub is not None and hub.describes(source):
-        if all(n in hub or known(n) for n in source):
-            logger.info("fastreload: source in the %s", hub.description)
-            return Renamed(source, hub), hub.description
+        logger.info("fastreload: source in the %s", hub.description)
+        return Renamed(source, hub), hub.description
     if leading is None or leading in source or all(map(known, source)):
         return source, None
     found = detect_wrappers(source, known)

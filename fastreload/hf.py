@@ -116,6 +116,13 @@ def hub_rename(model: nn.Module) -> HubRename:
     layout. Raises ReloadError for a conversion that is not a view of the
     checkpoint's tensors (naming the operation and the model type), ImportError
     without transformers."""
+    rename = _cached(model)
+    rename.targets  # derived now: a conversion that is not a view is refused here
+    return rename
+
+
+def _cached(model: nn.Module) -> HubRename:
+    """The model's HubRename, its targets not derived yet (kept with the layout)."""
     from fastreload.model import layout_of
 
     plans = layout_of(model).plans
@@ -146,8 +153,13 @@ def _checkpoint_names(model: nn.Module) -> dict[str, tuple]:
     """The names, shapes and dtypes save_pretrained would write: transformers'
     reverse conversion, run on meta tensors."""
     loading = _transformers()
-    with torch.no_grad():
-        checkpoint = loading.revert_weight_conversion(model, _meta_state(model))
+    try:
+        with torch.no_grad():
+            checkpoint = loading.revert_weight_conversion(model, _meta_state(model))
+    except Exception as error:
+        raise ReloadError(regions={_model_type(model): (
+            f"transformers cannot say the checkpoint format of this {_model_type(model)} model "
+            f"({type(error).__name__}: {error}); give a rename")}) from None
     return {name: (tuple(t.shape), t.dtype) for name, t in checkpoint.items()}
 
 
@@ -339,5 +351,5 @@ def detected_rename(model: nn.Module) -> Callable[[str], str | Target] | None:
     """The HubRename of a transformers model whose format differs from its checkpoints', or None."""
     if not is_transformers_model(model):
         return None
-    rename = hub_rename(model)
+    rename = _cached(model)
     return rename if rename.converts else None

@@ -113,3 +113,104 @@ def test_checkpoint_format_reloaded_in_place_as_from_pretrained_loads_it(saved, 
     again = reload_layerwise(model, source if kind != "stream" else stream(directory, seed=1))
     assert again.renamed == report.renamed and again.regions == report.regions
     assert_matches(model, expected)
+
+
+def test_checkpoint_missing_one_expert_refused_naming_it_nothing_written(saved):
+    model_type, directory, _ = saved
+    if model_type == "llama":
+        pytest.skip("no experts")
+    state = load_file(directory / "model.safetensors")
+    gone = sorted(n for n, t in hub_rename(build(model_type, seed=3)).targets.items()
+                  if isinstance(t, Target))[5]
+    del state[gone]
+    model = build(model_type, seed=3)
+    before = snapshot(model)
+    with pytest.raises(ReloadError) as info:
+        reload_layerwise(model, state)
+    assert gone in str(info.value)
+    assert_untouched(model, before)
+    with pytest.raises(ReloadError) as info:  # a stream names it too
+        reload_layerwise(model, iter(state.items()))
+    assert gone in str(info.value)
+
+
+def test_own_format_still_reloads(saved):
+    model_type, _, expected = saved
+    model = build(model_type, seed=3)
+    before = snapshot(model)
+    report = reload_layerwise(model, {k: v.clone() for k, v in expected.state_dict().items()})
+    assert report.renamed is None and report.regions == 0
+    assert_matches(model, expected)
+    assert_same_objects_and_pointers(model, before)
+
+
+def test_explicit_rename_shows_the_targets_and_reloads_as_detected(tmp_path):
+    model = build("qwen3_moe", seed=1)
+    model.save_pretrained(tmp_path)
+    rename = hub_rename(model)
+    assert rename("model.layers.1.mlp.experts.3.up_proj.weight") == Target(
+        "model.layers.1.mlp.experts.gate_up_proj", index=(3,), start=8, length=8)
+    assert rename("model.layers.1.mlp.experts.2.down_proj.weight") == Target(
+        "model.layers.1.mlp.experts.down_proj", index=(2,))
+    assert rename("model.norm.weight") == "model.norm.weight"
+    other = build("qwen3_moe", seed=2)
+    report = reload_layerwise(other, tmp_path, rename=hub_rename(other))
+    assert report.renamed == "rename"
+    assert_matches(other, model)
+
+
+def test_tensor_parallel_shards_of_fused_experts_compose():
+    """Two ranks each hold half of every expert's gate and up rows: the Hub's
+    per-expert tensors go through Target(shard=...) into each rank's stacked experts."""
+    full = build("qwen3_moe", seed=1)
+    checkpoint = {}
+    for name, target in hub_rename(full).targets.items():
+        if isinstance(target, Target) and "gate_up" in target.name:
+            rows = slice(target.start, target.start + target.length)
+            checkpoint[name] = full.state_dict()[target.name][target.index][rows].clone()
+    experts, inter = 4, 8
+    for rank in range(2):
+        layer = full.model.layers[0].mlp.experts
+        local = torch.zeros(experts, inter, layer.gate_up_proj.shape[-1])  # this rank's [E, 2I/2, H]
+        holder = torch.nn.Module()
+        holder.register_parameter("gate_up_proj", torch.nn.Parameter(local))
+        ptr = local.data_ptr()
+        prefix = "model.layers.0.mlp.experts."
+        rename = {}
+        for name in checkpoint:
+            if name.startswith(prefix):
+                target = hub_rename(full).targets[name]
+                half = 0 if target.start == 0 else inter // 2
+                rename[name] = Target("gate_up_proj", index=target.index, start=half, shard=(rank, 2))
+        mine = {n: checkpoint[n] for n in rename}
+        reload_layerwise(holder, mine, rename=rename)
+        want = full.state_dict()[prefix + "gate_up_proj"]
+        gate, up = want[:, :inter], want[:, inter:]
+        half = slice(rank * inter // 2, (rank + 1) * inter // 2)
+        assert torch.equal(holder.gate_up_proj, torch.cat([gate[:, half], up[:, half]], 1))
+        assert holder.gate_up_proj.data_ptr() == ptr
+
+
+def test_conversion_that_changes_values_refused_naming_the_operation(tmp_path):
+    from transformers.core_model_loading import ConversionOps, WeightConverter
+    from transformers import conversion_mapping
+
+    class Doubled(ConversionOps):
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            tensor = next(iter(input_dict.values()))
+            return {target_patterns[0]: (tensor[0] if isinstance(tensor, list) else tensor) * 2}
+
+        @property
+        def reverse_op(self):
+            return Doubled()  # the way back does not matter: saving is not tested here
+
+    model = build("llama", seed=1)
+    conversion_mapping.register_checkpoint_conversion_mapping(
+        "llama", [WeightConverter("mlp.down_proj.weight", "mlp.down_proj.weight", [Doubled()])], overwrite=True)
+    try:
+        fastreload.forget(model)
+        with pytest.raises(ReloadError) as info:
+            hub_rename(model).targets
+    finally:
+        conversion_mapping._checkpoint_conversion_mapping_cache = None
+    assert "Doubled" in str(info.value) and "llama" in str(info.value)

@@ -73,7 +73,7 @@ class HubRename:
         self._sources: dict[str, list[str]] | None = None
 
     @property
-    def targets(self) -> dict[str, str | Target]:
+    def targets(self) -> dict[str, str | Target | tuple[Target, ...]]:
         if self._targets is None:
             model = self._model()
             if model is None:
@@ -81,7 +81,7 @@ class HubRename:
             self._targets = _derive(model, self.model_type, self.names)
         return self._targets
 
-    def __call__(self, name: str) -> str | Target:
+    def __call__(self, name: str) -> str | Target | tuple[Target, ...]:
         return self.targets.get(name, name)
 
     def __contains__(self, name: str) -> bool:
@@ -101,7 +101,8 @@ class HubRename:
         if self._sources is None:
             sources: dict[str, list[str]] = {}
             for source, target in self.targets.items():
-                sources.setdefault(target if isinstance(target, str) else target.name, []).append(source)
+                for t in target if isinstance(target, tuple) else (target,):
+                    sources.setdefault(t if isinstance(t, str) else t.name, []).append(source)
             self._sources = sources
         return self._sources.get(name, [])
 
@@ -200,8 +201,9 @@ def _derive(model: nn.Module, model_type: str, shapes: dict[str, tuple]) -> dict
             template = templates[signature] = _probe(loading, model, model_type, converter, first, members,
                                                      shapes, meta)
         names = list(outputs)
-        for (pattern, source), (position, target) in zip(members, template):
-            targets[source] = replace(target, name=names[position])
+        for (pattern, source), found in zip(members, template):
+            placed = tuple(replace(target, name=names[position]) for position, target in found)
+            targets[source] = placed[0] if len(placed) == 1 else placed
     return targets
 
 
@@ -243,24 +245,23 @@ def _probe(loading, model, model_type: str, converter, first: str, members, shap
     for name in names:
         if name not in meta or tuple(outputs[name].shape) != tuple(meta[name].shape):
             raise refuse(f"gives {name!r} of shape {tuple(outputs[name].shape)}, which the model does not hold")
-    result, covered = [], {name: 0 for name in names}
+    result, covered = [], {name: 0 for name in names}  # per member: [(output position, Target)]
     # Each output inverted: where each probe value landed in it (-1: not there).
     ordered = {name: _inverse(outputs[name], total) for name in names}
     if any(where is None for where in ordered.values()):
         raise refuse("does not give each model element one checkpoint element (values changed)")
     for pattern, source in members:
-        found = None
+        found = []
         for position, name in enumerate(names):
             target = _target(name, outputs[name], ordered[name], probes[source], offsets[source])
             if target is not None:
-                if found is not None:
-                    raise refuse(f"writes {source!r} into two model tensors")
-                found = (position, target)
-        if found is None:
-            raise refuse(f"does not write {source!r} as a view of any model tensor (values changed, "
+                found.append((position, target))
+                covered[name] += covered_by(target, outputs[name], probes[source])
+        if not found or sum(covered_by(t, outputs[names[p]], probes[source]) for p, t in found) \
+                != probes[source].numel():
+            raise refuse(f"does not write {source!r} as views of model tensors (values changed, "
                          "or not a strided view)")
         result.append(found)
-        covered[names[found[0]]] += region_views(found[1], outputs[names[found[0]]], probes[source])[1].numel()
     for name in names:
         if covered[name] != outputs[name].numel():
             raise refuse(f"fills {covered[name]} of the {outputs[name].numel()} elements of {name!r} "
@@ -283,6 +284,10 @@ def _coordinates(flat: torch.Tensor, shape) -> list[torch.Tensor]:
         coords.append(flat % size)
         flat = flat // size
     return coords[::-1]
+
+
+def covered_by(target: Target, out: torch.Tensor, probe: torch.Tensor) -> int:
+    return region_views(target, out, probe)[1].numel()
 
 
 def _inverse(out: torch.Tensor, total: int) -> torch.Tensor | None:
@@ -330,8 +335,11 @@ def _target(name: str, out: torch.Tensor, where: torch.Tensor, probe: torch.Tens
             continue
         region = {} if not rest else {"dim": rest[0] - k, "start": dlow[rest[0]], "length": dextent[rest[0]]}
         base = Target(name, index=tuple(dlow[:k]), **region, **source)
-        for permutation in _orders(len(dshape) - k):
-            target = base if permutation is None else replace(base, permute=permutation)
+        candidates = [base if p is None else replace(base, permute=p) for p in _orders(len(dshape) - k)]
+        interleaved = _interleaved(base, coords, dlow, dextent, k, len(values))
+        if interleaved is not None:
+            candidates.append(interleaved)
+        for target in candidates:
             try:
                 dv, sv, _, _ = region_views(target, out, probe)
             except RegionProblem:
@@ -339,6 +347,39 @@ def _target(name: str, out: torch.Tensor, where: torch.Tensor, probe: torch.Tens
             if torch.equal(dv, sv):
                 return target
     return None
+
+
+def _interleaved(base: Target, coords, dlow, dextent, k: int, count: int) -> Target | None:
+    """A region whose elements lie in another order than the source's (interleaved
+    rows, heads permuted for RoPE): the region seen as finer dimensions, permuted.
+    The finer dimensions are read off the region-local positions of the source's
+    elements, innermost first; None where they are no reshape of the region."""
+    local = torch.zeros(count, dtype=torch.int64)
+    size = 1
+    for d in range(len(coords) - 1, k - 1, -1):
+        local += (coords[d] - dlow[d]) * size
+        size *= dextent[d]
+    sizes, strides, block = [], [], 1
+    while block < count:
+        firsts = local.view(count // block, block)[:, 0]
+        stride = int(firsts[1] - firsts[0])
+        steps = (firsts[1:] - firsts[:-1]) != stride
+        run = int(steps.nonzero()[0]) + 1 if bool(steps.any()) else firsts.numel()
+        n = next(n for n in range(run, 0, -1) if (count // block) % n == 0)
+        if n == 1 or stride <= 0:
+            return None
+        sizes.insert(0, n)
+        strides.insert(0, stride)
+        block *= n
+    order = sorted(range(len(sizes)), key=lambda j: strides[j])
+    expected = 1
+    for j in order:
+        if strides[j] != expected:
+            return None
+        expected *= sizes[j]
+    view = tuple(sizes[j] for j in reversed(order))  # the region, outermost first
+    permute = tuple(len(sizes) - 1 - order.index(j) for j in range(len(sizes)))
+    return replace(base, view=view, permute=permute)
 
 
 def _orders(dims: int):

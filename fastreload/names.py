@@ -12,7 +12,8 @@ from fastreload.regions import Target
 
 __all__ = ["Renamed", "detect_wrappers", "renamer"]
 
-Rename = Callable[[str], "str | Target"] | Mapping[str, "str | Target"]
+# A rename gives a name, a Target, or several Targets (one source into several regions).
+Rename = Callable[[str], "str | Target | tuple[Target, ...]"] | Mapping[str, "str | Target | tuple[Target, ...]"]
 
 # Prefixes that wrap a whole model and say nothing about its layout.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -25,7 +26,7 @@ def renamer(rename: Rename | None) -> Callable[[str], str] | None:
     if rename is None or callable(rename):
         return rename
     if isinstance(rename, Mapping):
-        targets = {k: v for k, v in rename.items() if isinstance(v, Target)}
+        targets = {k: v for k, v in rename.items() if isinstance(v, (Target, tuple))}
         prefixes = sorted(((k, v) for k, v in rename.items() if k not in targets),
                           key=lambda item: len(item[0]), reverse=True)
 
@@ -88,6 +89,9 @@ class Renamed(Mapping[str, torch.Tensor]):
         rename = self.rename
         for name in self.source:
             new = rename(name)
+            if isinstance(new, tuple):  # one source into several regions
+                regions += ((target, name) for target in new)
+                continue
             if isinstance(new, Target):
                 if not new.is_plain:
                     regions.append((new, name))

@@ -102,6 +102,10 @@ class _Consumer:
             self.use_hub()
         if self.rename is not None:
             source_name, name = name, self.rename(name)
+            if isinstance(name, tuple):  # one source into several regions (a fused tensor split)
+                for n, target in enumerate(name):
+                    self.take_region(source_name, target, tensor, read=n == 0)
+                return
             if isinstance(name, Target):
                 if not name.is_plain:
                     return self.take_region(source_name, name, tensor)
@@ -208,9 +212,10 @@ class _Consumer:
             raise self.fail(unexpected=[name])
         self.unexpected.append(name)
 
-    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor) -> None:
+    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor, read: bool = True) -> None:
         """A source tensor for a region of a destination; the destination arrives
-        when its regions cover it."""
+        when its regions cover it. read: the tensor's bytes count as read (once per
+        source tensor; they are held once per region)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"stream item {source_name!r}: expected a tensor, got {type(tensor).__name__}")
         name = target.name
@@ -218,7 +223,7 @@ class _Consumer:
         replay = self.replay
         if replay is not None and name in replay.plan.index:
             replay.take_region(source_name, target, tensor, flush=False)
-            self.hold(tensor.nbytes)
+            self.hold(tensor.nbytes if read else 0)
             if replay.ready_bytes >= replay.batch_bytes:
                 replay.flush()
             return
@@ -239,7 +244,7 @@ class _Consumer:
             raise self.fail(duplicates=[repeated.args[0]]) from None
         nbytes = tensor.nbytes
         self.held_bytes += nbytes
-        self.hold(nbytes)
+        self.hold(nbytes if read else 0)
         if pieces.complete:
             self.pending[index] = pieces
             self.pieces_pending += 1

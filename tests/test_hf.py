@@ -214,3 +214,36 @@ def test_conversion_that_changes_values_refused_naming_the_operation(tmp_path):
     finally:
         conversion_mapping._checkpoint_conversion_mapping_cache = None
     assert "Doubled" in str(info.value) and "llama" in str(info.value)
+
+
+def test_split_transpose_interleave_and_rope_permutation_become_regions(tmp_path):
+    """Conversions other than stacking, registered for llama: the checkpoint's fused
+    k/v split into the model's k_proj and v_proj, a transposed down_proj, interleaved
+    gate rows and q_proj's heads permuted for RoPE, each written as a view."""
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import Interleave, PermuteForRope, Split, Transpose, WeightConverter
+
+    conversions = [
+        WeightConverter("self_attn.kv.weight", ["self_attn.k_proj.weight", "self_attn.v_proj.weight"], [Split(0)]),
+        WeightConverter("mlp.down_t.weight", "mlp.down_proj.weight", [Transpose(0, 1)]),
+        WeightConverter("mlp.gate_i.weight", "mlp.gate_proj.weight", [Interleave(0)]),
+        WeightConverter("self_attn.q_rope.weight", "self_attn.q_proj.weight", [PermuteForRope()]),
+    ]
+    conversion_mapping.register_checkpoint_conversion_mapping("llama", conversions, overwrite=True)
+    try:
+        build("llama", seed=1).save_pretrained(tmp_path)
+        expected = type(build("llama", seed=2)).from_pretrained(tmp_path).eval()
+        state = load_file(tmp_path / "model.safetensors")
+        assert "model.layers.0.mlp.down_t.weight" in state and "model.layers.0.self_attn.kv.weight" in state
+        model = build("llama", seed=3)
+        before = snapshot(model)
+        rename = hub_rename(model)
+        assert rename("model.layers.0.mlp.down_t.weight").permute == (1, 0)
+        assert rename("model.layers.0.mlp.gate_i.weight").view is not None
+        for source in (tmp_path, stream(tmp_path)):
+            report = reload_layerwise(model, source)
+            assert report.renamed == "transformers checkpoint format (llama)"
+            assert_matches(model, expected)
+        assert_same_objects_and_pointers(model, before)
+    finally:
+        conversion_mapping._checkpoint_conversion_mapping_cache = None

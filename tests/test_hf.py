@@ -247,3 +247,29 @@ def test_split_transpose_interleave_and_rope_permutation_become_regions(tmp_path
         assert_same_objects_and_pointers(model, before)
     finally:
         conversion_mapping._checkpoint_conversion_mapping_cache = None
+
+
+def test_repeated_reloads_use_the_cached_regions_and_follow_the_model(tmp_path):
+    """The regions of a repeated reload are kept: the model edited in place between
+    reloads, another model built meanwhile, or a tensor given new storage
+    (p.data = ...), every reload still writes what from_pretrained loads."""
+    model = build("qwen3_moe", seed=1)
+    model.save_pretrained(tmp_path)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    other = build("qwen3_moe", seed=2)
+    experts = other.model.layers[1].mlp.experts
+    for round_ in range(4):
+        report = reload_layerwise(other, tmp_path)
+        assert report.regions == 24 and report.tensors == len(other.state_dict())
+        plans = fastreload.model.layout_of(other).plans
+        assert any(isinstance(k, tuple) and k[0] == "renamed" for k in plans)  # kept for the next one
+        got = other.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(1)
+        if round_ == 1:
+            build("llama", seed=0)  # registrations elsewhere: this model's plans stay
+        if round_ == 2:
+            experts.gate_up_proj.data = torch.zeros_like(experts.gate_up_proj)
+    assert experts.gate_up_proj.data_ptr() == other.state_dict()["model.layers.1.mlp.experts.gate_up_proj"].data_ptr()

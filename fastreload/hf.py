@@ -186,25 +186,44 @@ def _derive(model: nn.Module, model_type: str, shapes: dict[str, tuple]) -> dict
         if pattern is None:
             targets[name] = renamed
             continue
-        converter, members = groups.setdefault(renamed, (deepcopy(by_pattern[pattern]), []))
+        converter, members = groups.setdefault(renamed, (by_pattern[pattern], []))
         members.append((pattern, name))
 
-    templates: dict[tuple, list] = {}
+    # Groups of one shape (a converter's tensors of each layer) move their elements
+    # alike: one is probed, the others take its targets under their own names.
+    templates: dict[tuple, tuple] = {}
     for first, (converter, members) in groups.items():
-        outputs = _run(loading, model, converter, first, members,
-                       lambda name: torch.empty(shapes[name][0], dtype=torch.int64, device="meta"))
         signature = (tuple(converter.source_patterns), tuple(converter.target_patterns),
-                     tuple((p, shapes[n][0]) for p, n in members),
-                     tuple(tuple(t.shape) for t in outputs.values()))
+                     tuple((p, shapes[n][0]) for p, n in members))
         template = templates.get(signature)
-        if template is None:
-            template = templates[signature] = _probe(loading, model, model_type, converter, first, members,
-                                                     shapes, meta)
-        names = list(outputs)
-        for (pattern, source), found in zip(members, template):
-            placed = tuple(replace(target, name=names[position]) for position, target in found)
+        names = None if template is None else _outputs_of(template, first, meta)
+        if names is None:
+            found, names, _ = probed = _probe(loading, model, model_type, converter, first, members, shapes, meta)
+            templates.setdefault(signature, (first, *probed))
+        else:
+            found = template[1]
+        for (pattern, source), placed in zip(members, found):
+            placed = tuple(replace(target, name=names[position]) for position, target in placed)
             targets[source] = placed[0] if len(placed) == 1 else placed
     return targets
+
+
+def _outputs_of(template, first: str, meta) -> list[str] | None:
+    """The model tensors a group of the template's shape writes: the template's, under
+    this group's prefix (``model.layers.7.`` for ``model.layers.0.``); None unless the
+    model holds each of them in the template's shape."""
+    template_first, _, names, shapes = template
+    common = 0
+    while (common < min(len(first), len(template_first))
+           and first[len(first) - 1 - common] == template_first[len(template_first) - 1 - common]):
+        common += 1
+    old, new = template_first[:len(template_first) - common], first[:len(first) - common]
+    if not all(n.startswith(old) for n in names):
+        return None
+    renamed = [new + n[len(old):] for n in names]
+    if any(n not in meta or tuple(meta[n].shape) != shape for n, shape in zip(renamed, shapes)):
+        return None
+    return renamed
 
 
 def _run(loading, model, converter, first: str, members, make) -> dict[str, torch.Tensor]:
@@ -220,9 +239,10 @@ def _operations(converter) -> str:
     return ", ".join(type(op).__name__ for op in getattr(converter, "operations", ())) or "renaming"
 
 
-def _probe(loading, model, model_type: str, converter, first: str, members, shapes, meta) -> list:
-    """For each member, (position of its model tensor among the outputs, its Target),
-    from one run of the conversion on probe tensors."""
+def _probe(loading, model, model_type: str, converter, first: str, members, shapes, meta) -> tuple:
+    """(for each member, its [(position of its model tensor among the outputs, its
+    Target)], the outputs' names, their shapes), from one run of the conversion on
+    probe tensors."""
     sizes = [math.prod(shapes[n][0]) for _, n in members]
     total = sum(sizes)
 
@@ -266,7 +286,7 @@ def _probe(loading, model, model_type: str, converter, first: str, members, shap
         if covered[name] != outputs[name].numel():
             raise refuse(f"fills {covered[name]} of the {outputs[name].numel()} elements of {name!r} "
                          "from the checkpoint's tensors (the others are computed)")
-    return result
+    return result, names, [tuple(outputs[n].shape) for n in names]
 
 
 def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:

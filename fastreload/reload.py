@@ -175,7 +175,8 @@ def reload_layerwise(
     strict: bool = True,
     batch_bytes: int | None = None,
     max_held_bytes: int | None = None,
-    rename: Callable[[str], str | Target] | Mapping[str, str | Target] | None = None,
+    rename: Callable[[str], str | Target | tuple[Target, ...]] | Mapping[str, str | Target | tuple[Target, ...]]
+    | None = None,
     progress: bool = False,
 ) -> ReloadReport:
     """Writes new weights into the model's existing tensors, in place.
@@ -199,10 +200,15 @@ def reload_layerwise(
     replacements (``{"module.": ""}``, ``{"": "model."}``). Without it, names wrapped
     by ``module.`` or ``_orig_mod.``, or missing or carrying an extra ``model.``, are
     recognised and mapped. A rename may also return (or the dict map a full source
-    name to) a ``fastreload.Target``: the source tensor, or its tensor-parallel
-    shard, goes into a region of a model tensor (fused projections); a destination
-    is written once its regions cover it exactly. ``max_held_bytes`` caps what a stream may hold for layers
-    not yet written. ``progress=True`` shows a progress bar over bytes (tqdm).
+    name to) a ``fastreload.Target``, or a tuple of them: the source tensor, or its
+    tensor-parallel shard, goes into a region of a model tensor (fused projections,
+    one expert of stacked experts, a transposed layout); a destination is written
+    once its regions cover it exactly. A transformers model also takes, without a
+    rename, a source in the checkpoint (Hub) format its conversion mapping describes
+    (what ``save_pretrained`` writes: one tensor per expert), written as regions
+    (``fastreload.hf``; ``report.renamed`` says so). ``max_held_bytes`` caps what a
+    stream may hold for layers not yet written. ``progress=True`` shows a progress
+    bar over bytes (tqdm).
 
     Left alone, and reported: buffers that view a parameter's storage (written
     through the parameter), second names of tied tensors (written once),

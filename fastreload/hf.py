@@ -116,7 +116,10 @@ def hub_rename(model: nn.Module) -> HubRename:
     tensors, derived from transformers' conversion mapping; made once per model
     layout. Raises ReloadError for a conversion that is not a view of the
     checkpoint's tensors (naming the operation and the model type), ImportError
-    without transformers."""
+    without transformers, TypeError for another model."""
+    _transformers()
+    if not is_transformers_model(model):
+        raise TypeError(f"hub_rename takes a transformers PreTrainedModel, got {type(model).__name__}")
     rename = _cached(model)
     rename.targets  # derived now: a conversion that is not a view is refused here
     return rename

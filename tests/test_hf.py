@@ -153,6 +153,8 @@ def test_explicit_rename_shows_the_targets_and_reloads_as_detected(tmp_path):
     assert rename("model.layers.1.mlp.experts.2.down_proj.weight") == Target(
         "model.layers.1.mlp.experts.down_proj", index=(2,))
     assert rename("model.norm.weight") == "model.norm.weight"
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        hub_rename(torch.nn.Linear(2, 2))
     other = build("qwen3_moe", seed=2)
     report = reload_layerwise(other, tmp_path, rename=hub_rename(other))
     assert report.renamed == "rename"

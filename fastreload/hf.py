@@ -7,7 +7,7 @@ stack, concatenate, split, chunk, transpose or permute checkpoint tensors. Here 
 become Targets, without re-implementing any operation: the model's checkpoint names
 and shapes come from transformers' own reverse conversion (what ``save_pretrained``
 writes), run on meta tensors; then transformers' loading conversion runs once on
-small-integer probe tensors of those shapes, each element holding its own position,
+integer probe tensors of those shapes, each element holding its own position,
 and each model tensor tells which checkpoint element landed where. What lands as a
 view (an index, a narrow, a view, a permutation) becomes a Target, checked element
 by element against the probe; an operation whose result is not such a view (a
@@ -39,9 +39,11 @@ from fastreload.regions import RegionProblem, Target, region_views
 __all__ = ["HubRename", "hub_rename", "is_transformers_model"]
 
 # Probes are made one group (a converter's tensors of one layer) at a time, and only
-# once per group shape: larger groups than this many elements are refused rather than
-# allocating their probe (a group of a 30B model is ~4e8 elements, 3 GiB as int64).
-_PROBE_ELEMENTS_MAX = 2**31
+# once per group shape, as int32 positions: a group must have fewer elements than
+# int32 counts. Qwen3-30B-A3B's experts of one layer are 4e8 elements (a probe, its
+# conversion and their inverse: about 5 GiB at the first reload); larger groups
+# (DeepSeek-V3's 256 experts at full size, 7.5e9) are refused, naming the group.
+_PROBE_ELEMENTS_MAX = 2**31 - 1
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -258,7 +260,7 @@ def _probe(loading, model, model_type: str, converter, first: str, members, shap
     if total > _PROBE_ELEMENTS_MAX:
         raise refuse(f"has {total} elements, too many to derive its regions from")
     offsets = dict(zip((n for _, n in members), itertools.accumulate([0] + sizes)))
-    probes = {n: torch.arange(offsets[n], offsets[n] + math.prod(shapes[n][0]), dtype=torch.int64)
+    probes = {n: torch.arange(offsets[n], offsets[n] + math.prod(shapes[n][0]), dtype=torch.int32)
               .view(shapes[n][0]) for _, n in members}
     try:
         outputs = _run(loading, model, converter, first, members, probes.__getitem__)
@@ -319,8 +321,8 @@ def _inverse(out: torch.Tensor, total: int) -> torch.Tensor | None:
     flat = out.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= total):
         return None
-    where = torch.full((total,), -1, dtype=torch.int64)
-    where[flat] = torch.arange(flat.numel())
+    where = torch.full((total,), -1, dtype=torch.int32)
+    where[flat] = torch.arange(flat.numel(), dtype=torch.int32)
     return where if int((where >= 0).sum()) == flat.numel() else None
 
 
@@ -333,7 +335,7 @@ def _target(name: str, out: torch.Tensor, where: torch.Tensor, probe: torch.Tens
     present = positions >= 0
     if not bool(present.any()):
         return None
-    values = torch.arange(n)
+    values = torch.arange(n, dtype=torch.int32)
     if not bool(present.all()):
         values, positions = values[present], positions[present]
     shape = tuple(probe.shape)

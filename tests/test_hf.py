@@ -275,3 +275,24 @@ def test_repeated_reloads_use_the_cached_regions_and_follow_the_model(tmp_path):
         if round_ == 2:
             experts.gate_up_proj.data = torch.zeros_like(experts.gate_up_proj)
     assert experts.gate_up_proj.data_ptr() == other.state_dict()["model.layers.1.mlp.experts.gate_up_proj"].data_ptr()
+
+
+def test_tied_embeddings(tmp_path):
+    """lm_head tied to the input embedding: save_pretrained writes it once; the reload
+    writes the shared tensor once and both names see it."""
+    config_name, model_name, extra = MODELS["qwen3_moe"]
+    config = getattr(transformers, config_name)(**{**SMALL, **extra, "tie_word_embeddings": True})
+    torch.manual_seed(1)
+    source = getattr(transformers, model_name)(config).eval()
+    source.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    expected = type(source).from_pretrained(tmp_path).eval()
+    torch.manual_seed(2)
+    model = getattr(transformers, model_name)(config).eval()
+    before = snapshot(model)
+    for _ in range(2):
+        report = reload_layerwise(model, tmp_path)
+        assert report.renamed == "transformers checkpoint format (qwen3_moe)"
+        assert_matches(model, expected)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_same_objects_and_pointers(model, before)

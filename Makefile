@@ -8,6 +8,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# The optional extra the tests of fastreload.hf need (they skip without it).
+TRANSFORMERS ?= transformers==5.23.0
 PY := $(VENV)/bin/python
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)
@@ -17,7 +19,7 @@ JOBS ?= $(shell nproc)
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install "setuptools>=64" wheel ninja "pytest>=8" "hypothesis>=6" numpy safetensors tqdm matplotlib
+	$(PY) -m pip install "setuptools>=64" wheel ninja "pytest>=8" "hypothesis>=6" numpy safetensors tqdm matplotlib "$(TRANSFORMERS)"
 	touch $@
 
 install: $(VENV)/.ready
@@ -33,7 +35,7 @@ pytest: install
 	$(PY) -m pytest tests -q
 
 cuda-check:
-	MAX_JOBS=$(JOBS) scripts/check-cuda-build
+	MAX_JOBS=$(JOBS) TRANSFORMERS="$(TRANSFORMERS)" scripts/check-cuda-build
 
 test: install ctest pytest cuda-check
 

@@ -6,6 +6,7 @@
     python benchmarks/reload_moe.py --preset deepseek-v3 --scale 1 --layers 61 --device cuda  # real sizes
     python benchmarks/reload_moe.py --json results.json --plot results.png
     python benchmarks/reload_moe.py --processed              # post-load processing replayed (reload_processed.py)
+    python benchmarks/reload_moe.py --transformers           # a transformers model from Hub-format shards (reload_hf.py)
 
 The presets (presets.py) have the tensor names, counts, relative shapes and dtypes of
 Qwen3-30B-A3B, DeepSeek-V3 (bf16 and fp8), Mixtral-8x7B and Nemotron-3-Nano (a
@@ -675,6 +676,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--processed" in argv:
         run_processed(argv)
+        return
+    if "--transformers" in argv:
+        import reload_hf
+        reload_hf.main(argv)
         return
     cfg, json_path, plot_path = parse_args(argv)
     if cfg.threads is not None:

@@ -10,6 +10,7 @@ tensor reachable under several names appears under each of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 import weakref
@@ -243,9 +244,25 @@ def layout_of(model: nn.Module) -> Layout:
     _install_hooks()
     layout = _layouts.get(model)
     if layout is None or not layout.is_current():
-        layout = build_layout(model)
+        old, layout = layout, build_layout(model)
+        if old is not None and _same_layout(old, layout):
+            # Something else was registered (another model built): this one is as it
+            # was, and keeps its copy plans (its replay plan is made again, from the
+            # recordings as they are now).
+            layout = dataclasses.replace(layout, plans={k: v for k, v in old.plans.items() if k != "replay"})
         _layouts[model] = layout
     return layout
+
+
+def _same_layout(a: Layout, b: Layout) -> bool:
+    """Whether two layouts say the same of the same tensors."""
+    return (len(a.targets) == len(b.targets)
+            and all(x.names == y.names and x.tensor is y.tensor for x, y in zip(a.targets, b.targets))
+            and a.units == b.units and a.target_index == b.target_index and a.skipped == b.skipped
+            and a.ignored == b.ignored and a.uninitialized == b.uninitialized
+            and len(a.watched) == len(b.watched) and all(x is y for x, y in zip(a.watched, b.watched))
+            and torch.equal(a.watched_ptrs, b.watched_ptrs)
+            and len(a.lazy) == len(b.lazy) and all(x is y for x, y in zip(a.lazy, b.lazy)))
 
 
 def forget(model: nn.Module) -> None:

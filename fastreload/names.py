@@ -12,7 +12,8 @@ from fastreload.regions import Target
 
 __all__ = ["Renamed", "detect_wrappers", "renamer"]
 
-Rename = Callable[[str], "str | Target"] | Mapping[str, "str | Target"]
+# A rename gives a name, a Target, or several Targets (one source into several regions).
+Rename = Callable[[str], "str | Target | tuple[Target, ...]"] | Mapping[str, "str | Target | tuple[Target, ...]"]
 
 # Prefixes that wrap a whole model and say nothing about its layout.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -25,7 +26,7 @@ def renamer(rename: Rename | None) -> Callable[[str], str] | None:
     if rename is None or callable(rename):
         return rename
     if isinstance(rename, Mapping):
-        targets = {k: v for k, v in rename.items() if isinstance(v, Target)}
+        targets = {k: v for k, v in rename.items() if isinstance(v, (Target, tuple))}
         prefixes = sorted(((k, v) for k, v in rename.items() if k not in targets),
                           key=lambda item: len(item[0]), reverse=True)
 
@@ -71,35 +72,56 @@ def detect_wrappers(names, known: Callable[[str], bool]) -> tuple[str, Callable[
 class Renamed(Mapping[str, torch.Tensor]):
     """A source mapping seen under new names. Two names renamed to one is an error.
     Names renamed to a region Target are left out of the mapping, in `regions` as
-    (target, source name) pairs."""
+    (target, source name) pairs. The names are renamed on first use: a reload with
+    a cached plan of this rename (renamed_plan.py) reads `source` directly."""
 
     def __init__(self, source: Mapping[str, torch.Tensor], rename: Callable[[str], str | Target]) -> None:
-        self._source = source
-        self._original: dict[str, str] = {}
-        self.regions: list[tuple[Target, str]] = []
+        self.source = source
+        self.rename = rename
+        self._renamed: tuple[dict[str, str], list[tuple[Target, str]]] | None = None
+
+    def _names(self) -> tuple[dict[str, str], list[tuple[Target, str]]]:
+        if self._renamed is not None:
+            return self._renamed
+        original: dict[str, str] = {}
+        regions: list[tuple[Target, str]] = []
         clashes = []
-        for name in source:
+        rename = self.rename
+        for name in self.source:
             new = rename(name)
+            if isinstance(new, tuple):  # one source into several regions
+                regions += ((target, name) for target in new)
+                continue
             if isinstance(new, Target):
                 if not new.is_plain:
-                    self.regions.append((new, name))
+                    regions.append((new, name))
                     continue
                 new = new.name
-            if new in self._original:
-                clashes.append(f"{self._original[new]!r} and {name!r} both become {new!r}")
-            self._original[new] = name
+            if new in original:
+                clashes.append(f"{original[new]!r} and {name!r} both become {new!r}")
+            original[new] = name
         if clashes:
             raise ValueError(f"rename maps several source names to one: {'; '.join(clashes[:5])}")
+        self._renamed = original, regions
+        return self._renamed
+
+    @property
+    def regions(self) -> list[tuple[Target, str]]:
+        return self._names()[1]
+
+    def originals(self):
+        """(new name, source name) of every name not renamed to a region."""
+        return self._names()[0].items()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._source[self._original[name]]
+        return self.source[self._names()[0][name]]
 
     def original(self, name: str) -> torch.Tensor:
         """The source tensor under its own name."""
-        return self._source[name]
+        return self.source[name]
 
     def __iter__(self):
-        return iter(self._original)
+        return iter(self._names()[0])
 
     def __len__(self) -> int:
-        return len(self._original)
+        return len(self._names()[0])

@@ -9,7 +9,7 @@ validates every name, shape and dtype before anything is written.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -162,12 +162,31 @@ class Regions:
     duplicates: list[str]
     unexpected: list[str]
     uninitialized: list[str]
+    # The source names a destination's regions come from, when the rename knows them:
+    # an uncovered destination names those not given.
+    sources_of: Callable[[str], list[str]] | None = None
+    given: frozenset[str] = frozenset()
+
+    def uncovered(self, pieces: Pieces) -> str:
+        return pieces.uncovered() + not_given(self.sources_of, pieces.name, self.given)
 
 
-def assemble_regions(layout: Layout, regions, get) -> Regions:
+def not_given(sources_of, name: str, given) -> str:
+    """'; not given: ...' naming the source names of destination `name` missing."""
+    if sources_of is None:
+        return ""
+    missing = [s for s in sources_of(name) if s not in given]
+    if not missing:
+        return ""
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return f"; not given: {', '.join(missing[:10])}{more}"
+
+
+def assemble_regions(layout: Layout, regions, get, sources_of=None) -> Regions:
     """regions: (Target, source name) pairs; get(source name) -> the tensor. Checks
-    every region (bounds, shapes, overlaps) and groups them by destination."""
-    found = Regions({}, {}, [], [], [])
+    every region (bounds, shapes, overlaps) and groups them by destination.
+    sources_of(destination name): the source names it expects, if known."""
+    found = Regions({}, {}, [], [], [], sources_of, frozenset(n for _, n in regions))
     for target, name in regions:
         tensor = get(name)
         if not isinstance(tensor, torch.Tensor):
@@ -183,7 +202,7 @@ def assemble_regions(layout: Layout, regions, get) -> Regions:
         pieces = found.pieces.setdefault(index, Pieces(layout.targets[index].name, 0))
         try:
             dv, sv, covered, label = region_views(target, dst, tensor)
-            pieces.add(dv, sv, covered, label, tensor, dst)
+            pieces.add(dv, sv, covered, label, tensor, dst, target)
         except RegionProblem as problem:
             found.problems[f"{target.name} <- {name}"] = str(problem)
         except KeyError as repeated:
@@ -260,7 +279,7 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
             elif pieces.complete:
                 values[index] = pieces
             elif strict:
-                region_problems[pieces.name] = pieces.uncovered()
+                region_problems[pieces.name] = regions.uncovered(pieces)
     missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
     not_tensors += [plan.leading[i] for i, v in enumerate(values)
                     if v is not None and not isinstance(v, (torch.Tensor, Pieces))]
@@ -303,7 +322,7 @@ def expand(plan: Plan, values, indices) -> tuple[list, list, list]:
         if isinstance(value, Pieces):
             dsts += value.dsts
             srcs += value.srcs
-            names += [label for _, _, _, label in value.spans]
+            names += [span[-1] for span in value.spans]
         else:
             dsts.append(plan.dsts[i])
             srcs.append(value)

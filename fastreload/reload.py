@@ -14,10 +14,12 @@ from torch import nn
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, forget, layout_of
+from fastreload.hf import HubRename, detected_rename
 from fastreload.names import Renamed, detect_wrappers, renamer
 from fastreload.plan import (Plan, StaleLayout, Work, assemble_regions, check_pairs, plan_for, raise_not_tensors,
                              resolve, resolve_exactly)
 from fastreload.regions import Target
+from fastreload.renamed_plan import cached_work, remember
 from fastreload.replay import Replay, ReplayPlan, replay_plan
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
@@ -43,8 +45,14 @@ def _copy(model, layout: Layout, source, strict, batch_bytes, replay_batch_bytes
           on_written) -> tuple[Layout, Work, Replay | None]:
     replay = replay_plan(model, layout)
     if replay is None:
+        plan = plan_for(layout, batch_bytes)
+        work = cached_work(plan, source, batch_bytes, on_written)
+        if work is not None:
+            return layout, work, None
         plan, work = _check_direct(layout, source, strict, batch_bytes)
         _write(plan, work, on_written)
+        if isinstance(source, Renamed) and isinstance(source.rename, HubRename):
+            remember(plan, source, work, batch_bytes)
         return layout, work, None
     plan, work, session = _check_replayed(model, replay, source, strict, batch_bytes, replay_batch_bytes,
                                           on_written)
@@ -103,7 +111,7 @@ def _regions(layout: Layout, source):
     regions = getattr(source, "regions", None)
     if not regions:
         return None
-    return assemble_regions(layout, regions, source.original)
+    return assemble_regions(layout, regions, source.original, getattr(source.rename, "sources_of", None))
 
 
 def _check_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, replay_batch_bytes, on_written):
@@ -127,7 +135,8 @@ def _check_replayed(model, replay: ReplayPlan, source, strict, batch_bytes, repl
     else:
         found["missing"] = []
     regions = [(t, n) for t, n in regions if t.name not in index]
-    regions = assemble_regions(plan.layout, regions, source.original) if regions else None
+    regions = assemble_regions(plan.layout, regions, source.original,
+                               getattr(source.rename, "sources_of", None)) if regions else None
     work = None
     if session.names_taken is not None and regions is None:
         work = resolve_exactly(plan, source, session.names_taken + sum(n in source for n in ignored))
@@ -194,6 +203,10 @@ def _named(source, rename, model, layout: Layout):
         leading = next(iter(replay.index), None)
     else:
         leading = layout.targets[0].name if layout.targets else None
+    hub = detected_rename(model)
+    if hub is not None and hub.describes(source):
+        logger.info("fastreload: source in the %s", hub.description)
+        return Renamed(source, hub), hub.description
     if leading is None or leading in source or all(map(known, source)):
         return source, None
     found = detect_wrappers(source, known)
@@ -210,7 +223,8 @@ def reload_layerwise(
     strict: bool = True,
     batch_bytes: int | None = None,
     max_held_bytes: int | None = None,
-    rename: Callable[[str], str | Target] | Mapping[str, str | Target] | None = None,
+    rename: Callable[[str], str | Target | tuple[Target, ...]] | Mapping[str, str | Target | tuple[Target, ...]]
+    | None = None,
     progress: bool = False,
 ) -> ReloadReport:
     """Writes new weights into the model's existing tensors, in place.
@@ -234,10 +248,15 @@ def reload_layerwise(
     replacements (``{"module.": ""}``, ``{"": "model."}``). Without it, names wrapped
     by ``module.`` or ``_orig_mod.``, or missing or carrying an extra ``model.``, are
     recognised and mapped. A rename may also return (or the dict map a full source
-    name to) a ``fastreload.Target``: the source tensor, or its tensor-parallel
-    shard, goes into a region of a model tensor (fused projections); a destination
-    is written once its regions cover it exactly. ``max_held_bytes`` caps what a stream may hold for layers
-    not yet written. ``progress=True`` shows a progress bar over bytes (tqdm).
+    name to) a ``fastreload.Target``, or a tuple of them: the source tensor, or its
+    tensor-parallel shard, goes into a region of a model tensor (fused projections,
+    one expert of stacked experts, a transposed layout); a destination is written
+    once its regions cover it exactly. A transformers model also takes, without a
+    rename, a source in the checkpoint (Hub) format its conversion mapping describes
+    (what ``save_pretrained`` writes: one tensor per expert), written as regions
+    (``fastreload.hf``; ``report.renamed`` says so). ``max_held_bytes`` caps what a
+    stream may hold for layers not yet written. ``progress=True`` shows a progress
+    bar over bytes (tqdm).
 
     Left alone, and reported: buffers that view a parameter's storage (written
     through the parameter), second names of tied tensors (written once),
@@ -272,7 +291,8 @@ def reload_layerwise(
                 done = consume(plan, source, strict=strict, batch_bytes=batch_bytes,
                                max_held_bytes=max_held_bytes, rename=rename,
                                detect=_known_to(layout, replay), on_written=on_written,
-                               replay=replay, model=model, replay_batch_bytes=replay_batch_bytes)
+                               replay=replay, model=model, replay_batch_bytes=replay_batch_bytes,
+                               hub=detected_rename(model))
                 calls, bytes_read, peak, renamed = (done.batched_copy_calls, done.bytes_read,
                                                     done.peak_held_bytes, done.renamed)
                 replayed, custom_loaded = done.replayed, done.custom_loaded

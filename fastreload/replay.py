@@ -31,7 +31,7 @@ from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, Unit, is_uninitialized, registrations_unseen, same_memory_key, split_entries, walk
 from fastreload.plan import Fetcher, same_values
-from fastreload.regions import Pieces, RegionProblem, Target, region_views
+from fastreload.regions import Pieces, RegionProblem, Target, dest_view, region_views
 
 __all__ = ["Recording", "Replay", "ReplayPlan", "record", "recording_of", "replay_plan"]
 
@@ -563,7 +563,7 @@ class Replay:
             problem = _source_problem(replace(entry, shape=tuple(sv.shape)), sv)
             if problem is not None:
                 raise RegionProblem(problem)
-            pieces.add(dv, sv, covered, label, tensor, shape)
+            pieces.add(dv, sv, covered, label, tensor, shape, target)
         except RegionProblem as problem:
             raise self.fail(regions={f"{target.name} <- {source_name}": str(problem)}) from None
         except KeyError as repeated:
@@ -701,8 +701,8 @@ class Replay:
                     loaded.append((g, e))
                 elif isinstance(value, Pieces):
                     temp = temps[g][e]
-                    for (dim, start, stop, _), source in zip(value.spans, value.srcs):
-                        dsts.append(temp.narrow(dim, start, stop - start) if temp.dim() else temp)
+                    for span, target, source in zip(value.spans, value.targets, value.srcs):
+                        dsts.append(dest_view(target, temp, span[:4]))
                         srcs.append(source)
                     regions += len(value.spans)
                 else:

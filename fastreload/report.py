@@ -33,7 +33,9 @@ class ReloadReport:
     bytes_read: int | None = None
     peak_held_bytes: int = 0
     # How source names were mapped to the model's: "rename" (given), a detected
-    # common wrapper ("stripped wrapper prefixes (module., _orig_mod.)", ...) or None.
+    # common wrapper ("stripped wrapper prefixes (module., _orig_mod.)", ...), a
+    # transformers model's checkpoint format ("transformers checkpoint format
+    # (qwen3_moe)") or None.
     renamed: str | None = None
     # Modules replayed through their post-load processing (see fastreload.record), and
     # the checkpoint names loaded by a parameter's own weight_loader (the slow path).

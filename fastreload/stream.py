@@ -18,7 +18,7 @@ import torch
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.names import detect_wrappers
-from fastreload.plan import Plan, StaleLayout, expand, pair_problems, same_values
+from fastreload.plan import Plan, StaleLayout, expand, not_given, pair_problems, same_values
 from fastreload.regions import Pieces, RegionProblem, Target, region_views
 from fastreload.replay import Replay, ReplayPlan
 
@@ -44,7 +44,7 @@ class StreamResult:
 class _Consumer:
     def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None,
                  rename, detect, on_written, replay: ReplayPlan | None = None, model=None,
-                 replay_batch_bytes: int | None = None):
+                 replay_batch_bytes: int | None = None, hub=None):
         self.plan = plan
         self.rename = rename
         self.renamed = "rename" if rename is not None else None
@@ -68,6 +68,8 @@ class _Consumer:
         self.pieces: dict[int, Pieces] = {}  # regions of destinations received so far
         self.pieces_pending = 0  # complete Pieces among the pending values
         self.unexpected: list[str] = []
+        self.hub = hub  # the model's checkpoint-format rename (hf.HubRename), to detect; or None
+        self.region_sources: set[str] = set()  # source names given for regions
         # Recorded modules: their checkpoint names go to the replay, which writes them.
         self.replay = None if replay is None else Replay(
             replay, model, batch_bytes=replay_batch_bytes or batch_bytes, on_written=on_written, fail=self.fail)
@@ -95,8 +97,15 @@ class _Consumer:
                 "apart for this cap"))
 
     def take(self, name: str, tensor: torch.Tensor) -> None:
+        if (self.rename is None and self.hub is not None and name in self.hub
+                and (self.detect is None or not self.detect(name))):
+            self.use_hub()
         if self.rename is not None:
             source_name, name = name, self.rename(name)
+            if isinstance(name, tuple):  # one source into several regions (a fused tensor split)
+                for n, target in enumerate(name):
+                    self.take_region(source_name, target, tensor, read=n == 0)
+                return
             if isinstance(name, Target):
                 if not name.is_plain:
                     return self.take_region(source_name, name, tensor)
@@ -185,6 +194,13 @@ class _Consumer:
             if not remaining[unit]:
                 completed(unit)
 
+    def use_hub(self) -> None:
+        """The stream is in the model's checkpoint format: its names from here on are
+        renamed by it (those seen before are names both formats share)."""
+        hub = self.hub
+        if all(not isinstance(t := hub(n), Target) and t == n for n in self.seen):
+            self.rename, self.renamed = hub, hub.description
+
     def unknown(self, name: str) -> None:
         """A name that is no target: ignored (an alias), or refused, or reported."""
         replay = self.replay
@@ -196,16 +212,18 @@ class _Consumer:
             raise self.fail(unexpected=[name])
         self.unexpected.append(name)
 
-    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor) -> None:
+    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor, read: bool = True) -> None:
         """A source tensor for a region of a destination; the destination arrives
-        when its regions cover it."""
+        when its regions cover it. read: the tensor's bytes count as read (once per
+        source tensor; they are held once per region)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"stream item {source_name!r}: expected a tensor, got {type(tensor).__name__}")
         name = target.name
+        self.region_sources.add(source_name)
         replay = self.replay
         if replay is not None and name in replay.plan.index:
             replay.take_region(source_name, target, tensor, flush=False)
-            self.hold(tensor.nbytes)
+            self.hold(tensor.nbytes if read else 0)
             if replay.ready_bytes >= replay.batch_bytes:
                 replay.flush()
             return
@@ -219,14 +237,14 @@ class _Consumer:
         pieces = self.pieces.setdefault(index, Pieces(self.layout.targets[index].name, 0))
         try:
             dv, sv, covered, label = region_views(target, self.plan.dsts[index], tensor)
-            pieces.add(dv, sv, covered, label, tensor, self.plan.dsts[index])
+            pieces.add(dv, sv, covered, label, tensor, self.plan.dsts[index], target)
         except RegionProblem as problem:
             raise self.fail(regions={f"{name} <- {source_name}": str(problem)}) from None
         except KeyError as repeated:
             raise self.fail(duplicates=[repeated.args[0]]) from None
         nbytes = tensor.nbytes
         self.held_bytes += nbytes
-        self.hold(nbytes)
+        self.hold(nbytes if read else 0)
         if pieces.complete:
             self.pending[index] = pieces
             self.pieces_pending += 1
@@ -317,7 +335,9 @@ class _Consumer:
         if replay is not None:
             missing = replay.missing() + missing
         if missing and self.strict:
-            uncovered = {p.name: p.uncovered() for i, p in self.pieces.items() if i not in self.pending}
+            sources_of = getattr(self.rename, "sources_of", None)
+            uncovered = {p.name: p.uncovered() + not_given(sources_of, p.name, self.region_sources)
+                         for i, p in self.pieces.items() if i not in self.pending}
             if replay is not None:
                 uncovered.update(replay.uncovered())
             raise self.fail(missing=missing, regions=uncovered)  # before the last batch: it stays unwritten
@@ -342,11 +362,13 @@ class _Consumer:
 
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
             max_held_bytes: int | None, rename=None, detect=None, on_written=None,
-            replay: ReplayPlan | None = None, model=None, replay_batch_bytes: int | None = None) -> StreamResult:
+            replay: ReplayPlan | None = None, model=None, replay_batch_bytes: int | None = None,
+            hub=None) -> StreamResult:
     """Reads the stream and writes its layers; `rename` maps names, or `detect` (the
     names the model knows) lets a common wrapper be recognised from the first name.
-    Replayed units go in batches of replay_batch_bytes (default: batch_bytes)."""
+    Replayed units go in batches of replay_batch_bytes (default: batch_bytes). hub: the
+    model's checkpoint-format rename, used from the first name only it explains."""
     consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written,
-                         replay, model, replay_batch_bytes)
+                         replay, model, replay_batch_bytes, hub if rename is None else None)
     consumer.take_all(iter(pairs))
     return consumer.finish()

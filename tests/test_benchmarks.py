@@ -115,3 +115,16 @@ def test_overhead_tool_runs():
     result = overhead.main(["--layers", "2", "--rounds", "2"])
     assert set(result) == {"warm", "cold", "cold fetch", "cold bound", "cold new"}
     assert all(value > 0 for value in result.values())
+
+
+def test_transformers_row_runs_and_verifies(tmp_path):
+    """reload_moe.py --transformers: a real Qwen3MoeForCausalLM reloaded from
+    Hub-format shards, checked against from_pretrained (a smoke test, not a measurement)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf.json"
+    reload_moe.main(["--transformers", "--scale", "0.0078125", "--layers", "2", "--repeats", "1",
+                     "--warmup", "0", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["regions"] == 2 * 128 * 3
+    assert set(record["medians"]) == {"fastreload (Hub-format shards)", "fastreload (own-format shards)",
+                                      "from_pretrained (Hub-format shards)"}

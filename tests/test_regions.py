@@ -9,7 +9,7 @@ from torch import nn
 import fastreload
 from fastreload import ReloadError, Target, reload_layerwise
 
-from test_reload import assert_untouched, snapshot
+from test_reload import assert_same_objects_and_pointers, assert_untouched, snapshot
 
 Q, K, V = 8, 4, 4  # rows of each projection (grouped-query attention: smaller k, v)
 HIDDEN = 6
@@ -397,3 +397,76 @@ def test_region_aimed_at_an_alias_buffer_is_ignored():
     rename = lambda n: Target("qkv_proj.view", start=0) if n == "x" else fused_rename(n)  # noqa: E731
     reload_layerwise(model, state, rename=rename)
     assert torch.equal(model.qkv_proj.weight, fused(state))
+
+
+def stacked(experts=3, inter=4, hidden=HIDDEN):
+    """Stacked experts as transformers 5 holds them: gate and up rows of each expert
+    in one [E, 2I, H] parameter."""
+    module = nn.Module()
+    module.gate_up_proj = nn.Parameter(torch.zeros(experts, 2 * inter, hidden))
+    module.down_proj = nn.Parameter(torch.zeros(experts, hidden, inter))
+    return module
+
+
+def test_index_selects_an_expert_and_narrow_its_rows():
+    module = stacked()
+    before = snapshot(module)
+    state, rename = {}, {}
+    for e in range(3):
+        for k, leaf in enumerate(("gate", "up")):
+            state[f"{e}.{leaf}"] = torch.randn(4, HIDDEN)
+            rename[f"{e}.{leaf}"] = Target("gate_up_proj", index=(e,), start=4 * k)
+        state[f"{e}.down"] = torch.randn(HIDDEN, 4)
+        rename[f"{e}.down"] = Target("down_proj", index=(e,))
+    report = reload_layerwise(module, state, rename=rename)
+    for e in range(3):
+        assert torch.equal(module.gate_up_proj[e], torch.cat([state[f"{e}.gate"], state[f"{e}.up"]]))
+        assert torch.equal(module.down_proj[e], state[f"{e}.down"])
+    assert report.regions == 9 and report.batched_copy_calls == 1
+    assert_same_objects_and_pointers(module, before)
+
+
+def test_permuted_and_viewed_regions():
+    """A transposed checkpoint layout (permute), and rows interleaved in pairs (view,
+    then permute): each written through its strided view."""
+    module = stacked(experts=2)
+    down = [torch.randn(4, HIDDEN) for _ in range(2)]  # stored [I, H], held [H, I]
+    gate_up = [torch.randn(8, HIDDEN) for _ in range(2)]  # gate, up rows alternating in the model
+    state = {**{f"down{e}": down[e] for e in range(2)}, **{f"gu{e}": gate_up[e] for e in range(2)}}
+    rename = {**{f"down{e}": Target("down_proj", index=(e,), permute=(1, 0)) for e in range(2)},
+              **{f"gu{e}": Target("gate_up_proj", index=(e,), view=(4, 2, HIDDEN), permute=(1, 0, 2))
+                 for e in range(2)}}
+    reload_layerwise(module, state, rename=rename)
+    for e in range(2):
+        assert torch.equal(module.down_proj[e], down[e].T)
+        assert torch.equal(module.gate_up_proj[e][0::2], gate_up[e][:4])
+        assert torch.equal(module.gate_up_proj[e][1::2], gate_up[e][4:])
+
+
+def test_uncovered_experts_named_by_index():
+    module = stacked()
+    state = {f"{e}": torch.randn(HIDDEN, 4) for e in (0, 2)}
+    rename = {f"{e}": Target("down_proj", index=(e,)) for e in (0, 2)}
+    error = refused(module, state, rename, strict=True)
+    assert "[1]" in error.regions["down_proj"] and "[0]" not in error.regions["down_proj"]
+
+
+@pytest.mark.parametrize("second, shape, expected", [
+    (Target("down_proj", index=(0,)), (HIDDEN, 4), "twice"),
+    (Target("down_proj", index=(0,), start=1, length=2), (2, 4), "overlap"),
+    (Target("down_proj", start=0, length=1), (1, HIDDEN, 4), "overlap"),
+    (Target("down_proj", index=(5,)), (HIDDEN, 4), "outside"),
+    (Target("down_proj", index=(0, 0, 0, 0)), (), "more entries"),
+    (Target("down_proj", index=(1,), permute=(0, 0)), (4, HIDDEN), "not an order"),
+    (Target("down_proj", index=(1,), view=(5, 5)), (5, 5), "cannot be seen"),
+    (Target("down_proj", index=(1,), view=(2, 12)), (5, 5), "elements"),
+])
+def test_bad_multi_dimensional_regions_refused(second, shape, expected):
+    module = stacked()
+    rename = {"a": Target("down_proj", index=(0,)), "b": second}
+    state = {"a": torch.randn(HIDDEN, 4), "b": torch.randn(shape)}
+    before = snapshot(module)
+    with pytest.raises(ReloadError) as info:
+        reload_layerwise(module, state, rename=rename)
+    assert_untouched(module, before)
+    assert expected in str(info.value).lower()

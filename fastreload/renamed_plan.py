@@ -1,0 +1,120 @@
+"""The cached plan of a repeated reload from a renamed source (a checkpoint format):
+every (model view, source name) pair decided once, so that a source holding
+exactly those names again is read by one Fetcher call and written by one bound
+copy, without calling the rename on any name or making any view.
+
+A plan is made after a reload that wrote every target from a source under a rename
+object the caller keeps (the checkpoint-format rename of a transformers model), and
+is kept with the layout's copy plans. It is used while the source holds exactly its
+names and the model tensors its views were made of still hold their storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastreload import ops
+from fastreload.errors import ReloadError
+from fastreload.plan import Fetcher, Plan, Work, pair_problems
+from fastreload.regions import RegionProblem, Target, region_views
+
+__all__ = ["RenamedPlan", "cached_work", "remember"]
+
+
+@dataclass(frozen=True)
+class RenamedPlan:
+    plan: Plan
+    rename: object  # the rename it was made under (compared by identity, kept alive here)
+    names: tuple[str, ...]  # the source name of each pair
+    fetch: Fetcher
+    labels: tuple[str, ...]
+    dsts: tuple[torch.Tensor, ...]
+    # Pairs whose source is a view of the source tensor (a shard, another shape):
+    # (pair position, Target, its destination region), remade at each reload.
+    adapted: tuple[tuple[int, Target, torch.Tensor], ...]
+    bound: ops.BoundCopy
+    bases: tuple[torch.Tensor, ...]  # the model tensors the views view
+    base_ptrs: torch.Tensor
+    regions: int
+
+    def current(self) -> bool:
+        return torch.equal(ops.storage_ptrs(self.bases), self.base_ptrs)
+
+
+def _key(batch_bytes: int):
+    return ("renamed", batch_bytes)
+
+
+def remember(plan: Plan, source, work: Work, batch_bytes: int) -> None:
+    """Keeps the pairs of a reload that wrote every target from a Renamed source
+    (`work` from resolve) as the plan of the next reloads under the same rename."""
+    layout = plan.layout
+    if work.missing or work.unexpected or not hasattr(source, "rename"):
+        return
+    per_target: dict[int, list[tuple[torch.Tensor, str, str, Target | None, torch.Tensor]]] = {}
+    for new, name in source.originals():
+        index = layout.target_index.get(new)
+        if index is None:
+            continue  # an ignored name
+        if index in per_target:
+            return  # tied names both given: each reload compares them
+        per_target[index] = [(plan.dsts[index], name, new, None, None)]
+    for target, name in source.regions:
+        index = layout.target_index.get(target.name)
+        if index is None:
+            continue
+        tensor = source.original(name)
+        dv, sv, _, label = region_views(target, plan.dsts[index], tensor)
+        adapt = None if sv is tensor else target
+        per_target.setdefault(index, []).append((dv, name, label, adapt, plan.dsts[index]))
+    if len(per_target) != len(plan.dsts):
+        return
+    names, labels, dsts, adapted, stops = [], [], [], [], []
+    for start, stop in plan.batches:
+        for index in range(start, stop):
+            for dv, name, label, adapt, base in per_target[index]:
+                if adapt is not None:
+                    adapted.append((len(dsts), adapt, base))
+                names.append(name)
+                labels.append(label)
+                dsts.append(dv)
+        stops.append(len(dsts))
+    bases = plan.dsts
+    layout.plans[_key(batch_bytes)] = RenamedPlan(
+        plan, source.rename, tuple(names), Fetcher(tuple(names)), tuple(labels), tuple(dsts),
+        tuple(adapted), ops.BoundCopy(dsts, stops or [0]), bases, ops.storage_ptrs(bases), work.regions)
+
+
+def cached_work(plan: Plan, source, batch_bytes: int, on_written) -> Work | None:
+    """Writes a source holding exactly the names of the cached plan of its rename,
+    and returns what was written; None (nothing written) where no such plan applies."""
+    rename = getattr(source, "rename", None)
+    cached = plan.layout.plans.get(_key(batch_bytes))
+    if cached is None or cached.rename is not rename or cached.plan is not plan:
+        return None
+    raw = source.source
+    if len(raw) != len(cached.names) or not cached.current():
+        return None
+    try:
+        srcs = cached.fetch(raw)
+    except KeyError:
+        return None
+    if cached.adapted:
+        srcs = list(srcs)
+        for position, target, base in cached.adapted:
+            if not isinstance(srcs[position], torch.Tensor):
+                return None
+            try:
+                srcs[position] = region_views(target, base, srcs[position])[1]
+            except RegionProblem:
+                return None  # the slow path names it
+    try:
+        problems = cached.bound(srcs, on_written)
+    except TypeError:  # a value that is no tensor (checked before any write): the slow path names it
+        return None
+    if problems is not None:
+        raise ReloadError(mismatched=pair_problems(list(cached.dsts), list(srcs), cached.labels, problems))
+    return Work(plan, list(cached.dsts), list(srcs), cached.labels, None, len(plan.dsts), plan.total_bytes,
+                len(plan.layout.units), regions=cached.regions)

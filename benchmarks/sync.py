@@ -136,12 +136,16 @@ def _methods(cfg: Config, rank: int, group, model, weights):
     limit_buffer = torch.empty(total, dtype=torch.uint8, device=cfg.device)
     version = [0]
 
+    phases = []  # per fastreload sync: where this rank's time went
+
     def sync():
         version[0] += 1
         if rank == 0:
-            sender.send(weights, version=version[0])
+            r = sender.send(weights, version=version[0])
+            phases.append({"seconds": r.seconds, "transport": r.transport_seconds, "pack": r.pack_seconds})
         else:
-            receiver.receive(timeout=cfg.timeout)
+            r = receiver.receive(timeout=cfg.timeout)
+            phases.append({"seconds": r.seconds, "transport": r.transport_seconds})
 
     def per_tensor():
         with torch.no_grad():
@@ -182,7 +186,7 @@ def _methods(cfg: Config, rank: int, group, model, weights):
     def limit():
         net.broadcast(limit_buffer)
 
-    return {SYNC: sync, PER_TENSOR: per_tensor, PACKED: packed, LIMIT: limit}, net, total, sender or receiver
+    return {SYNC: sync, PER_TENSOR: per_tensor, PACKED: packed, LIMIT: limit}, net, total, sender or receiver, phases
 
 
 def _rank(cfg: Config, rank: int, port: int, results) -> None:
@@ -195,9 +199,10 @@ def _rank(cfg: Config, rank: int, port: int, results) -> None:
         weights = _weights(_model(cfg), seed=7) if rank == 0 else None
         group = connect("127.0.0.1", port, rank=rank, world_size=cfg.receivers + 1, backend=cfg.backend,
                         timeout=cfg.timeout)
-        methods, net, total, side = _methods(cfg, rank, group, model, weights)
+        methods, net, total, side, phases = _methods(cfg, rank, group, model, weights)
         samples = {name: [] for name in methods}
         names = list(methods)
+        timed_phases = []
         for round_ in range(cfg.warmup + cfg.repeats):
             for k in range(len(names)):
                 name = names[(round_ + k) % len(names)]
@@ -209,6 +214,8 @@ def _rank(cfg: Config, rank: int, port: int, results) -> None:
                 net.barrier()
                 if round_ >= cfg.warmup:
                     samples[name].append(time.perf_counter() - start)
+                    if name == SYNC:
+                        timed_phases.append(phases[-1])
         read = rss_reader()
         peaks = {}
         for name in names:
@@ -227,6 +234,7 @@ def _rank(cfg: Config, rank: int, port: int, results) -> None:
             wrong = [n for n, t in expected.items() if not torch.equal(live[n], t)]
         held = side.held_bytes  # the buffers the sender or receiver keeps between updates
         results.put((rank, {"samples": samples, "peaks": peaks, "total": total, "wrong": wrong, "held": held,
+                            "phases": {k: statistics.median(p[k] for p in timed_phases) for k in timed_phases[0]},
                             "tensors": len(model.state_dict()) if model is not None else len(weights)}))
     except BaseException:  # noqa: BLE001 - reported by the parent
         results.put((rank, {"error": traceback.format_exc()}))
@@ -279,7 +287,12 @@ def summarize(cfg: Config, out: dict) -> dict:
     wrong = {r: v["wrong"] for r, v in out.items() if v["wrong"]}
     held = {"sender_mib": sender["held"] / 2**20,
             "receiver_mib": max(out[r]["held"] for r in out if r != 0) / 2**20}
-    return {"rows": rows, "bytes": total, "tensors": out[1]["tensors"], "wrong": wrong, "held": held}
+    # Where fastreload's time went, per side (medians): waiting on the transport, packing
+    # (sender), and the rest: writing buckets into the model (receiver), checks, Python.
+    phases = {"sender": out[0]["phases"],
+              "receiver": max((out[r]["phases"] for r in out if r != 0), key=lambda p: p["seconds"])}
+    return {"rows": rows, "bytes": total, "tensors": out[1]["tensors"], "wrong": wrong, "held": held,
+            "phases": phases}
 
 
 def main(argv=None) -> None:
@@ -311,6 +324,12 @@ def main(argv=None) -> None:
           f"receiver during an update, beside the buffers it keeps between updates: "
           f"{result['held']['sender_mib']:.0f} MiB and {result['held']['receiver_mib']:.0f} MiB "
           f"(two buckets: {2 * cfg.bucket_mib} MiB)")
+    sender_p, receiver_p = result["phases"]["sender"], result["phases"]["receiver"]
+    print(f"where fastreload's time went (ms, medians): sender {sender_p['seconds'] * 1e3:.1f} = transport "
+          f"{sender_p['transport'] * 1e3:.1f} + packing {sender_p['pack'] * 1e3:.1f} + other "
+          f"{(sender_p['seconds'] - sender_p['transport'] - sender_p['pack']) * 1e3:.1f}; slowest receiver "
+          f"{receiver_p['seconds'] * 1e3:.1f} = transport {receiver_p['transport'] * 1e3:.1f} + writing and other "
+          f"{(receiver_p['seconds'] - receiver_p['transport']) * 1e3:.1f}; limit {result['rows'][LIMIT]['ms']:.1f}")
     if result["wrong"]:
         raise SystemExit(f"receivers hold wrong values after the sync: {result['wrong']}")
     print(f"checked: every receiver holds the sender's weights ({time.perf_counter() - started:.0f} s in all)")

@@ -51,8 +51,11 @@ class Entry:
         return math.prod(self.shape) * _itemsize(self.dtype)
 
 
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _DTYPES.values()}
+
+
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return _ITEMSIZE[dtype]
 
 
 def wire_dtype_of(dtype: torch.dtype, wire_dtype: torch.dtype | None) -> torch.dtype:

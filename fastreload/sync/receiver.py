@@ -66,18 +66,12 @@ class Receiver:
         self._seq += 1
         seq = self._seq
         channel = self.channel
-        waited = [0.0]
-
-        def wait(pending) -> None:
-            t = time.perf_counter()
-            pending.wait()
-            waited[0] += time.perf_counter() - t
-
         try:
             channel.wait_start(seq, timeout)
             started = time.perf_counter()  # what counts is the update, not the wait for it to start
             header_tensor = Header.empty(channel.device)
-            wait(channel.broadcast(header_tensor, "waiting for the update's header", channel.start_timeout(timeout)))
+            channel.broadcast(header_tensor, "waiting for the update's header", channel.start_timeout(timeout)).wait()
+            waited = channel.waited
         except TransportError as error:
             raise ReloadError(reason=f"no update arrived: {error}", rank=channel.rank) from None
         try:
@@ -93,7 +87,7 @@ class Receiver:
             wire = header_tensor.numel() * header_tensor.element_size()
             if header.manifest_bytes:
                 data = torch.empty(header.manifest_bytes, dtype=torch.uint8, device=channel.device)
-                wait(channel.broadcast(data, f"receiving the manifest of update {version}"))
+                channel.broadcast(data, f"receiving the manifest of update {version}").wait()
                 wire += header.manifest_bytes
                 self._manifest = None
                 try:
@@ -112,7 +106,7 @@ class Receiver:
                     f"receivers on ranks {refused} refused the manifest (their errors say why); no rank "
                     "wrote anything"), rank=refused[0], version=version)
             session = self._session(schedule)
-            failure, stopped, calls = self._write(schedule, header, wait, written, session)
+            failure, stopped, calls = self._write(schedule, header, written, session)
             wire += header.wire_bytes + header.buckets * HEAD
             failed = channel.agree(failure is None and stopped is None, f"committing update {version}")
         except TransportError as error:
@@ -128,7 +122,8 @@ class Receiver:
                 f"rank {failed[0]} failed to write the update (its error says why); the version is "
                 "committed on no rank"), version=version, written=written, session=session, rank=failed[0])
         self.version = version
-        return self._report(schedule, session, calls, version, wire, waited[0], time.perf_counter() - started)
+        return self._report(schedule, session, calls, version, wire, channel.waited - waited,
+                            time.perf_counter() - started)
 
     # -- the manifest
 
@@ -166,7 +161,7 @@ class Receiver:
         return Replay(checked.plan, self.model, batch_bytes=checked.batch_bytes, on_written=None,
                       fail=lambda **problems: ReloadError(**problems))
 
-    def _write(self, schedule: Schedule, header: Header, wait, written: set[int], session: Replay | None):
+    def _write(self, schedule: Schedule, header: Header, written: set[int], session: Replay | None):
         """Receives every bucket (the next one arriving while this one is written) and
         writes it, adding the layers written whole to `written`. Returns (this rank's
         failure, the sender's reason for stopping, fused copies)."""
@@ -188,12 +183,12 @@ class Receiver:
             for b, work in enumerate(buckets):
                 if b + 1 < len(buckets):
                     pending[(b + 1) % 2] = receive(b + 1)
-                wait(pending[b % 2])
+                pending[b % 2].wait()
                 pending[b % 2] = None
                 stopped = read_bucket_header(buffers[b % 2], header.seq, b)
                 if stopped is not None:
                     if pending[(b + 1) % 2] is not None:  # the sender says stop there too
-                        wait(pending[(b + 1) % 2])
+                        pending[(b + 1) % 2].wait()
                     return failure, stopped, calls
                 if failure is None:
                     try:

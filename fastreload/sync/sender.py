@@ -25,8 +25,9 @@ DEFAULT_BUCKET_BYTES = 256 * 2**20
 class SendReport:
     """What one send() did: the version, the bytes of weights sent (as they
     travelled, wire_bytes counting header, manifest and bucket headers too), the
-    seconds in all and those spent waiting on the transport, and whether the
-    manifest travelled (False: the receivers reused the previous one)."""
+    seconds in all, those spent waiting on the transport and those spent packing
+    buckets, and whether the manifest travelled (False: the receivers reused the
+    previous one)."""
 
     version: int
     bytes: int
@@ -35,6 +36,7 @@ class SendReport:
     buckets: int
     transport_seconds: float
     manifest_sent: bool
+    pack_seconds: float = 0.0
 
     @property
     def gbps(self) -> float:
@@ -68,6 +70,7 @@ class Sender:
         self._sent: bytes | None = None  # digest of the manifest the receivers hold
         self._buffers: list[torch.Tensor] = []
         self._packing: _Packing | None = None
+        self._packed = 0.0  # seconds packing buckets in the last send
 
     @property
     def held_bytes(self) -> int:
@@ -99,14 +102,7 @@ class Sender:
         self._seq += 1
         seq = self._seq
         channel = self.channel
-        waited = 0.0
-
-        def wait(pending) -> None:
-            nonlocal waited
-            t = time.perf_counter()
-            pending.wait()
-            waited += time.perf_counter() - t
-
+        waited = channel.waited
         try:
             if encoded is None:
                 encoded, digest = layout.encode(), layout.digest()
@@ -114,17 +110,17 @@ class Sender:
             header = Header(seq, version, digest, len(encoded) if send_manifest else 0,
                             layout.bucket_bytes, layout.buckets, layout.wire_bytes)
             channel.signal_start(seq)
-            wait(channel.broadcast(header.tensor(channel.device), f"sending the header of update {version}"))
+            channel.broadcast(header.tensor(channel.device), f"sending the header of update {version}").wait()
             if send_manifest:
                 data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8).to(channel.device)
-                wait(channel.broadcast(data, f"sending the manifest of update {version}"))
+                channel.broadcast(data, f"sending the manifest of update {version}").wait()
                 self._sent = digest
             refused = channel.agree(True, f"agreeing on the manifest of update {version}")
             if refused:
                 raise ReloadError(reason=(
                     f"receivers on ranks {refused} refused the manifest (their errors say why); no rank "
                     "wrote anything"), rank=refused[0], version=version)
-            stopped = self._send_buckets(layout, packer, seq, version, wait)
+            stopped = self._send_buckets(layout, packer, seq, version)
             failed = channel.agree(stopped is None, f"committing update {version}")
         except TransportError as error:
             raise ReloadError(reason=f"the transport failed: {error}", version=version) from None
@@ -137,8 +133,8 @@ class Sender:
                 "layers they wrote); the version is committed on no rank"), rank=failed[0], version=version)
         sent = sum(e.nbytes for e in layout.entries if e.same_as is None)
         wire = layout.wire_bytes + layout.buckets * HEAD + (len(encoded) if send_manifest else 0)
-        return SendReport(version, sent, time.perf_counter() - started, wire, layout.buckets, waited,
-                          send_manifest)
+        return SendReport(version, sent, time.perf_counter() - started, wire, layout.buckets,
+                          channel.waited - waited, send_manifest, self._packed)
 
     # -- buckets
 
@@ -169,11 +165,12 @@ class Sender:
         self._packing = packing
         return packing
 
-    def _send_buckets(self, layout: Manifest, packer, seq: int, version, wait) -> str | None:
+    def _send_buckets(self, layout: Manifest, packer, seq: int, version) -> str | None:
         """Packs and broadcasts every bucket, packing one while the previous travels.
         Returns None, or why this sender stopped the update (the bucket that says so is
         sent, and the receivers stop there too)."""
         pending: list = [None, None]
+        self._packed = 0.0
         if layout.buckets == 0:
             try:
                 packer.finish()
@@ -181,9 +178,11 @@ class Sender:
                 return str(error)
         try:
             for b in range(layout.buckets):
-                buffer = self._free(layout, b, pending, wait)
+                buffer = self._free(layout, b, pending)
                 try:
+                    t = time.perf_counter()
                     packer.pack(b, buffer)
+                    self._packed += time.perf_counter() - t
                     if b == layout.buckets - 1:
                         packer.finish()
                     write_bucket_header(buffer, seq, b)
@@ -191,7 +190,7 @@ class Sender:
                     reason = str(error) if isinstance(error, ReloadError) else f"{type(error).__name__}: {error}"
                     # The receivers may already wait for the next bucket too: both say stop.
                     for stop in range(b, min(b + 2, layout.buckets)):
-                        buffer = self._free(layout, stop, pending, wait)
+                        buffer = self._free(layout, stop, pending)
                         write_bucket_header(buffer, seq, stop, STOPPED, reason)
                         pending[stop % 2] = self._broadcast(layout, stop, buffer, version)
                     return reason
@@ -200,12 +199,12 @@ class Sender:
         finally:
             for p in pending:
                 if p is not None:
-                    wait(p)
+                    p.wait()
 
-    def _free(self, layout: Manifest, b: int, pending: list, wait) -> torch.Tensor:
+    def _free(self, layout: Manifest, b: int, pending: list) -> torch.Tensor:
         """The buffer of bucket b, once what it held before has gone."""
         if pending[b % 2] is not None:
-            wait(pending[b % 2])
+            pending[b % 2].wait()
             pending[b % 2] = None
         return self._buffer(b % 2, _buffer_size(layout))
 

@@ -100,6 +100,7 @@ class Channel:
         self.store = getattr(group, "fastreload_store", None)
         self.device = torch.device("cuda", torch.cuda.current_device()) if group.name() == "nccl" \
             else torch.device("cpu")
+        self.waited = 0.0  # seconds spent waiting on collectives, in all
 
     # -- collectives
 
@@ -109,7 +110,7 @@ class Channel:
         options.rootRank = self.src
         options.timeout = _timedelta(self.timeout if timeout == -1 else timeout)
         try:
-            return _Pending(self.group.broadcast([tensor], options), what)
+            return _Pending(self, self.group.broadcast([tensor], options), what)
         except (RuntimeError, dist.DistError) as error:
             raise TransportError(f"{what}: {error}") from None
 
@@ -121,7 +122,7 @@ class Channel:
         options.reduceOp = dist.ReduceOp.SUM
         options.timeout = _timedelta(self.timeout)
         try:
-            _Pending(self.group.allreduce([flags], options), what).wait()
+            _Pending(self, self.group.allreduce([flags], options), what).wait()
         except (RuntimeError, dist.DistError) as error:
             raise TransportError(f"{what}: {error}") from None
         return flags.nonzero().flatten().tolist()
@@ -165,12 +166,16 @@ class Channel:
 
 
 class _Pending:
-    def __init__(self, work, what: str) -> None:
+    def __init__(self, channel: Channel, work, what: str) -> None:
+        self.channel = channel
         self.work = work
         self.what = what
 
     def wait(self) -> None:
+        started = time.perf_counter()
         try:
             self.work.wait()
         except (RuntimeError, dist.DistError) as error:
             raise TransportError(f"{self.what}: {error}") from None
+        finally:
+            self.channel.waited += time.perf_counter() - started

@@ -468,3 +468,53 @@ def ok(results: list) -> list:
     bad = {r: res for r, res in enumerate(results) if res[0] != "ok"}
     assert not bad, "\n".join(f"rank {r}: {res[0]}\n{res[1]}" for r, res in bad.items())
     return [res[1] for res in results]
+
+
+# -- transformers models from Hub-format weights
+
+
+def _tiny_qwen3_moe(seed):
+    import transformers
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+def send_hub(rank, world, port, *, folder, versions=(1,), timeout=30.0):
+    """Sends what save_pretrained writes (one tensor per expert), as a trainer would
+    from a Hub checkpoint."""
+    from safetensors.torch import load_file
+    group = _group(rank, world, port, timeout)
+    sender = Sender(group, bucket_bytes=8192)
+    for version in versions:
+        path = os.path.join(folder, f"v{version}")
+        _tiny_qwen3_moe(seed=version).save_pretrained(path)
+        weights = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(path, name)))
+        sender.send(weights, version=version)
+    return {}
+
+
+def receive_hub(rank, world, port, *, folder, versions=(1,), timeout=30.0):
+    """A live transformers model (stacked experts) takes Hub-format updates, detected
+    without being told; each checked against from_pretrained of the same files."""
+    group = _group(rank, world, port, timeout)
+    model = _tiny_qwen3_moe(seed=100 + rank)
+    ids = identity(model)
+    receiver = Receiver(model, group, src=0)
+    renamed = []
+    for version in versions:
+        report = receiver.receive(timeout=timeout)
+        renamed.append(report.renamed)
+        expected = type(model).from_pretrained(os.path.join(folder, f"v{version}")).state_dict()
+        assert identity(model) == ids
+        assert same(model.state_dict(), expected), f"version {version} differs from from_pretrained"
+    return {"renamed": renamed}

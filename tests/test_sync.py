@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from sync_scenarios import Pool, in_one_world, ok, receive, send
+from sync_scenarios import Pool, in_one_world, ok, receive, receive_hub, send, send_hub
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,11 @@ def test_not_strict_leaves_what_the_sender_lacks_and_reports_it(pool):
                                   (receive, dict(kind="moe_deeper", sent_kind="moe", versions=(1,), strict=False))]))
     done, = received["done"]
     assert done["skipped"]["missing"] == 35  # the fourth block's tensors, kept as they were
+
+
+def test_hub_format_weights_into_transformers_models(pool, tmp_path):
+    pytest.importorskip("transformers")
+    options = dict(folder=str(tmp_path), versions=(1, 2))
+    _, *received = ok(pool.run([(send_hub, options), (receive_hub, options), (receive_hub, options)], timeout=120))
+    for r in received:
+        assert all("transformers" in renamed for renamed in r["renamed"])

@@ -123,3 +123,23 @@ def test_a_registration_in_another_thread_counts_only_inside_the_model(inside):
     worker.start()
     worker.join()
     assert (layout_of(model) is layout) is not inside
+
+
+def test_models_sharing_modules_made_in_two_threads_both_see_a_change():
+    for _ in range(20):
+        shared = nn.ModuleList(nn.Linear(2, 2) for _ in range(200))
+        models = [nn.Module(), nn.Module()]
+        for model in models:
+            model.shared = shared
+        layouts = [None, None]
+
+        def make(i):
+            layouts[i] = layout_of(models[i])
+
+        workers = [threading.Thread(target=make, args=(i,)) for i in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        shared[123].register_buffer("scale", torch.ones(2))
+        assert all(layout_of(m) is not layout for m, layout in zip(models, layouts))

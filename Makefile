@@ -4,6 +4,11 @@
 # installing $(TORCH). Where a CUDA toolkit exists, `make test` also builds the
 # CUDA variant against a CUDA torch in .venv-cuda and runs the suite on it
 # (scripts/check-cuda-build; GPU tests skip without a GPU).
+#
+# The extension is built once and then only again when a source under csrc/,
+# setup.py or pyproject.toml changed (or the environment was made again), and then
+# incrementally: its objects stay in build/<variant>/objects. `make clean` starts
+# over.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,6 +18,8 @@ TRANSFORMERS ?= transformers==5.23.0
 PY := $(VENV)/bin/python
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)
+INSTALLED := $(VENV)/.installed
+EXTENSION_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 
 .PHONY: test bench bench-sync install pytest ctest cuda-check clean
 
@@ -22,8 +29,14 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(PY) -m pip install "setuptools>=64" wheel ninja "pytest>=8" "hypothesis>=6" numpy safetensors tqdm matplotlib "$(TRANSFORMERS)"
 	touch $@
 
-install: $(VENV)/.ready
+# The stamp stands for the built extension: without the extension it is made again.
+install:
+	@ls fastreload/_C*.so >/dev/null 2>&1 || rm -f $(INSTALLED)
+	@$(MAKE) --no-print-directory $(INSTALLED)
+
+$(INSTALLED): $(VENV)/.ready $(EXTENSION_SOURCES)
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
 
 ctest: $(VENV)/.ready
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \

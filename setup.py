@@ -95,12 +95,23 @@ def extension():
 
 EXTENSION = extension()
 VARIANT = "cuda" if any(s.endswith(".cu") for s in EXTENSION.sources) else "cpu"
+OBJECTS = os.path.join(ROOT, "build", VARIANT, "objects")
+
+
+class IncrementalBuildExtension(BuildExtension):
+    """Keeps the objects (and ninja's record of what they were built from) in
+    build/<variant>/objects, so that a rebuild compiles only the sources that changed,
+    and the CPU and CUDA variants keep theirs apart. Set here rather than through
+    `build` options, because pip's editable and wheel builds point `build` at a
+    temporary folder that is deleted afterwards."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = OBJECTS
+
 
 setup(
     packages=find_packages(include=["fastreload", "fastreload.*"]),
     ext_modules=[EXTENSION],
-    cmdclass={"build_ext": BuildExtension},
-    # The CPU and CUDA variants keep their objects apart, so switching between the
-    # two environments does not rebuild everything.
-    options={"build": {"build_base": os.path.join("build", VARIANT)}},
+    cmdclass={"build_ext": IncrementalBuildExtension},
 )

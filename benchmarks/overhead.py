@@ -8,6 +8,9 @@ The model is a preset at scale 0 (every size 1: the same names, tensors and modu
 Each round times, in µs per tensor:
 
   warm         reload_layerwise(model, source) right after another one;
+  elsewhere    the same after building other modules and registering buffers on
+               them (another model, adapters, a trainer): equal to warm, since
+               only a change to the model itself makes its layout again;
   cold         the same after a load_state_dict and a copy_ loop over the model,
                which push its tensors' metadata out of the caches, as the other
                methods of reload_moe.py do between its samples;
@@ -28,6 +31,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 import fastreload
 import presets
@@ -57,8 +61,16 @@ def measure(preset: str, layers: int | None, rounds: int) -> dict[str, float]:
         fn()
         return time.perf_counter() - start
 
-    samples: dict[str, list[float]] = {"warm": [], "cold": [], "cold fetch": [], "cold bound": [],
-                                       "cold new": []}
+    elsewhere = nn.Module()  # a module of another model, changed between reloads
+
+    def build_elsewhere() -> None:
+        other = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        other.register_buffer("scale", torch.ones(4))
+        elsewhere.register_buffer("step", torch.zeros(1))
+        elsewhere.adapter = other
+
+    samples: dict[str, list[float]] = {"warm": [], "elsewhere": [], "cold": [], "cold fetch": [],
+                                       "cold bound": [], "cold new": []}
     for _ in range(rounds):
         new = {name: tensor.clone() for name, tensor in source.items()}
         evict()
@@ -67,6 +79,8 @@ def measure(preset: str, layers: int | None, rounds: int) -> dict[str, float]:
         evict()
         samples["cold"].append(timed(lambda: fastreload.reload_layerwise(model, source)))
         samples["warm"].append(timed(lambda: fastreload.reload_layerwise(model, source)))
+        build_elsewhere()
+        samples["elsewhere"].append(timed(lambda: fastreload.reload_layerwise(model, source)))
         evict()
         samples["cold fetch"].append(timed(lambda: plan.fetch_leading(source)))
         fetched = plan.fetch_leading(source)

@@ -1,4 +1,4 @@
-"""Reload a processed MoE model (issue 5): fastreload's replay against a per-tensor
+"""Reload a processed MoE model: fastreload's replay against a per-tensor
 reference written the straightforward way.
 
     python benchmarks/reload_processed.py                 # Qwen3-30B-A3B shape, small scale
@@ -229,10 +229,10 @@ def reference_plan(model: nn.Module, recording, checkpoint: dict[str, torch.Tens
 
 
 def reference_reload(units: list[RefUnit], direct, checkpoint: dict[str, torch.Tensor]) -> None:
-    # Registrations by the processing would otherwise bump fastreload's global
-    # "a model changed" counter and make its next call rebuild the cached layout;
-    # that cost is measured on its own (the "after a registration" line), not
-    # charged to every fastreload call that follows a reference call.
+    # Registrations by the processing, on the model's own modules, would otherwise
+    # make fastreload's next call rebuild the cached layout; that cost is measured on
+    # its own (the "after a registration" line), not charged to every fastreload
+    # call that follows a reference call.
     with torch.no_grad(), registrations_unseen():
         for unit in units:
             module = unit.module
@@ -458,10 +458,12 @@ def run(cfg: Config, json_path: str | None, top: int) -> dict[str, object]:
     samples = {FIRST: [first_s], **samples}
     peaks = measure_peaks(methods)
 
-    # A registration anywhere (here on a throwaway module) makes the next reload
-    # rebuild the layout: what a fastreload call pays after other code ran a
-    # process_weights_after_loading outside fastreload.
-    nn.Module().register_buffer("x", torch.zeros(1))
+    # A registration on a module of the model (here the same parameter registered
+    # again) makes the next reload rebuild the layout: what a fastreload call pays
+    # after other code ran a process_weights_after_loading outside fastreload.
+    owner = next(m for m in model.modules() if m._parameters)
+    name, parameter = next(iter(owner._parameters.items()))
+    owner.register_parameter(name, parameter)
     after_registration_s = time_call(methods[FASTRELOAD])
 
     # Correctness: against a model freshly built, loaded and processed from the checkpoint.
@@ -480,12 +482,12 @@ def run(cfg: Config, json_path: str | None, top: int) -> dict[str, object]:
     print()
     print_table(results)
     print()
-    print(f"fastreload after a registration elsewhere (layout rebuilt): {after_registration_s * 1e3:.1f} ms, "
+    print(f"fastreload after a registration on the model (layout rebuilt): {after_registration_s * 1e3:.1f} ms, "
           f"against {results[FASTRELOAD]['median_s'] * 1e3:.1f} ms warm; "
           f"batched_copy_ calls per reload: {report.batched_copy_calls}")
     speedup = results[FASTRELOAD]["speedup_vs_reference"]
     speed_met = speedup >= 2
-    print(f"issue-5 target: >= 2x faster than the per-tensor reference: {'met' if speed_met else 'NOT met'} "
+    print(f"replay target: >= 2x faster than the per-tensor reference: {'met' if speed_met else 'NOT met'} "
           f"({speedup:.2f}x)")
     budget = cfg.batch_bytes or fastreload.DEFAULT_REPLAY_BATCH_BYTES
     bound = budget + largest_unit

@@ -69,7 +69,8 @@ class Layout:
     watched: tuple[torch.Tensor, ...]
     watched_ptrs: torch.Tensor
     lazy: tuple[torch.Tensor, ...]
-    generation: int
+    # Raised by a registration on any module of the model since its walk began.
+    changes: Changes
     # Copy plans made for this layout, by batch byte budget (see plan.py).
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -79,7 +80,7 @@ class Layout:
 
     def is_current(self) -> bool:
         """Whether the model still holds what this layout was made from."""
-        return (self.generation == _generation
+        return (not self.changes.seen
                 and all(is_uninitialized(t) for t in self.lazy)
                 and torch.equal(ops.storage_ptrs(self.watched), self.watched_ptrs))
 
@@ -95,6 +96,53 @@ def walk(module: nn.Module, prefix: str = ""):
             yield from walk(child, f"{prefix}{name}.")
 
 
+class Changes:
+    """The flag of one layout: raised when a module of its model registers a parameter,
+    buffer or submodule. Each module of the model knows the flags of the layouts made
+    from it (see watch()), so a registration elsewhere in the process raises nothing."""
+
+    __slots__ = ("seen", "__weakref__")
+
+    def __init__(self) -> None:
+        self.seen = False
+
+
+class _Watchers:
+    """The flags of the layouts a module belongs to, held weakly: a layout that is
+    replaced or dropped takes its flag away with it."""
+
+    __slots__ = ("module", "flags")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module, lambda _, key=id(module): _unwatch(key))
+        # Replaced whole, never changed in place: the hook reads it without the lock.
+        self.flags: tuple[weakref.ref[Changes], ...] = ()
+
+
+# id(module) -> its watchers: keyed by id, because a module class may define __eq__
+# or __hash__, and a registration hook must never raise into unrelated code.
+_watchers: dict[int, _Watchers] = {}
+_watchers_lock = threading.Lock()  # two threads may walk models sharing a module
+
+
+def _unwatch(key: int) -> None:
+    entry = _watchers.get(key)
+    if entry is not None and entry.module() is None:
+        _watchers.pop(key, None)
+
+
+def watch(module: nn.Module, flag: weakref.ref[Changes]) -> None:
+    """Makes registrations on `module` raise the flag. Done for each module before its
+    tensors are read, so a registration racing the walk is seen once the walk has
+    reached its module."""
+    with _watchers_lock:
+        entry = _watchers.get(id(module))
+        if entry is None or entry.module() is not module:
+            entry = _watchers[id(module)] = _Watchers(module)
+        if flag not in entry.flags:  # a module reachable under several names
+            entry.flags = tuple(f for f in entry.flags if f() is not None) + (flag,)
+
+
 @dataclass
 class _Entry:
     name: str
@@ -104,9 +152,11 @@ class _Entry:
     persistent: bool
 
 
-def _entries(model: nn.Module) -> list[_Entry]:
+def _entries(model: nn.Module, flag: weakref.ref[Changes] | None = None) -> list[_Entry]:
     entries = []
     for prefix, module in walk(model):
+        if flag is not None:
+            watch(module, flag)
         unit = prefix[:-1]
         for key, p in module._parameters.items():
             if p is not None:
@@ -125,11 +175,13 @@ def same_memory_key(t: torch.Tensor, ptr: int):
     return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def split_entries(model: nn.Module) -> tuple[list[_Entry], list[_Entry], list[_Entry]]:
+def split_entries(model: nn.Module, flag: weakref.ref[Changes] | None = None
+                  ) -> tuple[list[_Entry], list[_Entry], list[_Entry]]:
     """(uninitialized, live, aliases): the model's tensors in state_dict order, those
     that cannot be loaded in place, the others, and the buffers among the others
-    that share storage with any parameter."""
-    entries = _entries(model)
+    that share storage with any parameter. With a flag, every module walked raises
+    it when it registers anything from then on."""
+    entries = _entries(model, flag)
     uninitialized = [e for e in entries if is_uninitialized(e.tensor)]
     live = [e for e in entries if not is_uninitialized(e.tensor)]
     params = [e.tensor for e in live if e.is_param]
@@ -139,7 +191,9 @@ def split_entries(model: nn.Module) -> tuple[list[_Entry], list[_Entry], list[_E
 
 
 def build_layout(model: nn.Module) -> Layout:
-    uninitialized, live, aliases = split_entries(model)
+    _install_hooks()
+    changes = Changes()
+    uninitialized, live, aliases = split_entries(model, weakref.ref(changes))
     alias_names = {b.name for b in aliases}
 
     written = [e for e in live
@@ -195,22 +249,26 @@ def build_layout(model: nn.Module) -> Layout:
         watched=watched,
         watched_ptrs=ops.storage_ptrs(watched),
         lazy=tuple(e.tensor for e in uninitialized),
-        generation=_generation,
+        changes=changes,
     )
 
 
-# Bumped whenever any module registers a parameter, buffer or submodule: a cheap,
-# global signal that some model's structure may have changed.
-_generation = 0
 _paused = threading.local()  # .depth: registrations_unseen() blocks entered by this thread
 _hooks_installed = False
 _layouts: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
 
 
-def _bump(*_args) -> None:
-    global _generation
-    if not getattr(_paused, "depth", 0):
-        _generation += 1
+def _registered(module: nn.Module, *_args) -> None:
+    """Every registration of a parameter, buffer or submodule anywhere comes here: it
+    raises the flags of the layouts whose model holds `module`, and costs one dict
+    lookup for any other module."""
+    entry = _watchers.get(id(module))
+    if entry is None or entry.module() is not module or getattr(_paused, "depth", 0):
+        return
+    for ref in entry.flags:
+        flag = ref()
+        if flag is not None:
+            flag.seen = True
 
 
 @contextlib.contextmanager
@@ -229,19 +287,19 @@ def registrations_unseen():
 def _install_hooks() -> None:
     global _hooks_installed
     if not _hooks_installed:
-        nn.modules.module.register_module_parameter_registration_hook(_bump)
-        nn.modules.module.register_module_buffer_registration_hook(_bump)
-        nn.modules.module.register_module_module_registration_hook(_bump)
+        nn.modules.module.register_module_parameter_registration_hook(_registered)
+        nn.modules.module.register_module_buffer_registration_hook(_registered)
+        nn.modules.module.register_module_module_registration_hook(_registered)
         _hooks_installed = True
 
 
 def layout_of(model: nn.Module) -> Layout:
-    """The model's layout, rebuilt when it no longer matches the model: a parameter,
-    buffer or module was registered anywhere, a lazy tensor materialized, or the
-    storage of a tensor that shares it changed (``p.data = ...``). Edits that bypass
-    nn.Module (writing ``module._parameters`` directly, ``del module.weight``) are
-    not seen: call forget(model) after them."""
-    _install_hooks()
+    """The model's layout, rebuilt when it no longer matches the model: a module of
+    the model registered a parameter, buffer or submodule (registrations on other
+    modules do not count), a lazy tensor materialized, or the storage of a tensor
+    that shares it changed (``p.data = ...``). Edits that bypass nn.Module (writing
+    ``module._parameters`` directly, ``del module.weight``) are not seen: call
+    forget(model) after them."""
     layout = _layouts.get(model)
     if layout is None or not layout.is_current():
         old, layout = layout, build_layout(model)

@@ -62,8 +62,6 @@ def batched_copy_check(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor])
 def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for every pair in one fused pass, converting between floating
     dtypes. Every pair is checked before the first byte is written."""
-    if len(dst) == 0 and len(src) == 0:
-        return  # no tensor to dispatch on; nothing to do
     torch.ops.fastreload.batched_copy_.default(list(dst), list(src))
 
 
@@ -224,8 +222,10 @@ def _(dst, src):
 @torch.library.register_fake("fastreload::batched_copy_table")
 def _(dst, src):
     if _is_real_call(dst, src):
+        if not dst and not src:  # the empty batch's empty tables
+            return torch.ops.fastreload.batched_copy_table.default.redispatch(_REAL_KERNEL, dst, src)
         raise RuntimeError("batched_copy_table: meta tensors have no bytes to copy")
-    torch._check(len(dst) > 0, lambda: "batched_copy_table: needs at least one pair")
+    torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
     size = torch.library.get_ctx().new_dynamic_size()
     return [torch.empty(size, dtype=torch.uint8, device="cpu"),
             torch.empty(size, dtype=torch.uint8, device=dst[0].device)]
@@ -233,6 +233,9 @@ def _(dst, src):
 
 @torch.library.register_fake("fastreload::batched_copy_with_table_")
 def _(dst, src, host_table, device_table):
-    if _is_real_call(dst, src):
+    if _is_real_call(dst, src, (host_table, device_table)):
+        if not dst and not src:
+            return torch.ops.fastreload.batched_copy_with_table_.default.redispatch(
+                _REAL_KERNEL, dst, src, host_table, device_table)
         raise RuntimeError("batched_copy_with_table_: meta tensors have no bytes to copy")
     torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")

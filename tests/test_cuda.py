@@ -63,6 +63,37 @@ def test_pageable_sources_larger_than_one_staging_bucket():
     assert_copied(dsts, srcs)
 
 
+def test_many_buckets_take_turns_in_two_pinned_buffers():
+    # Twelve buckets of one 40 MiB source each: every pinned buffer is packed again
+    # while the copies of earlier buckets are queued, so a bucket packed over one
+    # still being sent would show here as another source's values.
+    srcs = [torch.full((10 << 20,), float(i)) for i in range(12)]
+    dsts = [torch.empty_like(s, device="cuda") for s in srcs]
+    ops.batched_copy_(dsts, srcs)
+    assert_copied(dsts, srcs)
+
+
+def test_running_out_of_memory_before_the_first_launch_writes_nothing():
+    direct = (torch.zeros(1 << 10, device="cuda"), torch.ones(1 << 10, device="cuda"))
+    pageable = (torch.zeros(8 << 20, device="cuda"), torch.ones(8 << 20))  # 32 MiB to stage
+    strided = (torch.zeros(64, 48, device="cuda"), torch.ones(48, 64).t())
+    dsts, srcs = zip(direct, pageable, strided)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # Room for the tables, not for the staging buffer.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (4 << 20)) / total)
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            ops.batched_copy_(list(dsts), list(srcs))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.synchronize()
+    assert not any(d.any() for d in dsts)
+    ops.batched_copy_(list(dsts), list(srcs))  # with the memory back, the same batch copies
+    assert_copied(list(dsts), expected_copies(dsts, srcs))
+
+
 def test_strided_pairs_fall_back_beside_fused_ones():
     base = torch.randn(64, 48, device="cuda")
     dsts = [torch.zeros(48, 64, device="cuda"), torch.zeros(300, device="cuda", dtype=torch.bfloat16)]

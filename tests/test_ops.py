@@ -4,6 +4,8 @@ whole batch without writing a byte."""
 
 import itertools
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from fastreload import ops
 from fastreload.ops import PairProblem
 from testing import DEVICES, DTYPE_PAIRS, DTYPES, FLOAT_DTYPES, assert_same_copy, bits, random_values
 
+ROOT = Path(__file__).resolve().parents[1]
 ODD_SIZES = [1, 3, 7, 15, 17, 4095, 262145]
 # Byte (or element) offsets: every position in a 16-byte word, the widest the copy uses.
 OFFSETS = list(range(16))
@@ -749,6 +752,58 @@ def test_empty_lists():
     assert codes.dtype == torch.int8 and codes.shape == (0,)
     assert ops.storage_ptrs([]).shape == (0,)
     assert ops.storage_alias_mask([], []).shape == (0,)
+    ops.ReplayableCopy([], [])()
+
+
+def _no_bytes():
+    return torch.empty(0, dtype=torch.uint8)
+
+
+# Every op with all its lists empty, and its result then: nothing to dispatch on.
+EMPTY_CALLS = {
+    "storage_ptrs": (([],), torch.int64),
+    "storage_alias_mask": (([], []), torch.bool),
+    "batched_copy_check": (([], []), torch.int8),
+    "batched_copy_": (([], []), None),
+    "batched_copy_table": (([], []), torch.uint8),
+    "batched_copy_with_table_": (([], [], _no_bytes(), _no_bytes()), None),
+}
+
+
+def test_every_declared_op_has_an_empty_call():
+    declared = re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+    assert sorted(declared) == sorted(EMPTY_CALLS)
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CALLS))
+def test_raw_ops_accept_empty_lists(name):
+    op = getattr(torch.ops.fastreload, name).default
+    args, dtype = EMPTY_CALLS[name]
+    result = op(*args)
+    if dtype is None:
+        assert result is None
+    else:
+        results = result if isinstance(result, list) else [result]
+        assert results and all(r.shape == (0,) and r.dtype == dtype for r in results)
+    opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_empty_list_beside_a_full_one_is_a_length_mismatch(device):
+    x = torch.zeros(3, device=device)
+    for dst, src in (([], [x]), ([x], [])):
+        with pytest.raises(RuntimeError, match="1 destinations but 0 sources|0 destinations but 1 sources"):
+            torch.ops.fastreload.batched_copy_(dst, src)
+
+
+def test_a_non_empty_table_for_an_empty_batch_is_refused():
+    with pytest.raises(RuntimeError, match="built for other tensors"):
+        torch.ops.fastreload.batched_copy_with_table_([], [], torch.zeros(16, dtype=torch.uint8), _no_bytes())
+
+
+def test_cpu_tensors_get_no_replayable_table():
+    with pytest.raises(RuntimeError, match="CUDA tensors only"):
+        torch.ops.fastreload.batched_copy_table([torch.zeros(2)], [torch.ones(2)])
 
 
 def test_table_ops_refuse_meta_tensors_instead_of_doing_nothing():

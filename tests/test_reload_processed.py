@@ -20,7 +20,7 @@ def test_reload_processed_benchmark_runs_and_verifies(tmp_path, monkeypatch, cap
         assert row["median_s"] > 0 and row["gbps"] > 0
     assert data["processed_units"] == 2
     printed = capsys.readouterr().out
-    assert "issue-5 target: >= 2x faster than the per-tensor reference:" in printed
+    assert "replay target: >= 2x faster than the per-tensor reference:" in printed
     assert "peak extra <= batch_bytes + largest unit:" in printed
 
 

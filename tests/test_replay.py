@@ -556,9 +556,8 @@ def test_a_registration_in_another_thread_during_a_replay_is_seen():
 
     model = built(Net, checkpoint(Net()))
     layout = layout_of(model)
-    other = nn.Linear(2, 2)
     with registrations_unseen():  # what a replay holds while it installs temporaries
-        worker = threading.Thread(target=other.register_buffer, args=("extra", torch.zeros(1)))
+        worker = threading.Thread(target=model.norm.register_buffer, args=("extra", torch.zeros(1)))
         worker.start()
         worker.join()
     assert layout_of(model) is not layout  # the other thread's registration counts

@@ -6,6 +6,8 @@
 // Sources on the destination's device and pinned host sources are read directly
 // (unified addressing). Pageable host sources are packed into pinned buckets on
 // the CPU, sent with one host-to-device copy per bucket and scattered from there.
+// Every buffer a batch needs is allocated before its first launch (PreparedBatch):
+// running out of memory refuses the batch with nothing written.
 //
 // Capture in a CUDA graph: batched_copy_ uploads a fresh table per call, which a
 // graph cannot replay; batched_copy_table builds the table once and
@@ -24,11 +26,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <unordered_map>
 #include <vector>
 
 #include "../copy_pairs.h"
 #include "../copy_plan.h"
+#include "../upload_plan.h"
 
 namespace fastreload {
 namespace {
@@ -41,7 +45,6 @@ constexpr int64_t kCudaChunkBytes = int64_t{64} << 10;
 constexpr int64_t kBlocksPerSm = 16;
 // Pinned bucket size for pageable host sources.
 constexpr int64_t kStagingBytes = int64_t{64} << 20;
-constexpr size_t kTableAlign = 16;
 
 __global__ void __launch_bounds__(kThreadsPerBlock)
     batched_copy_kernel(const CopyDesc* __restrict__ descs,  // [num_descs]
@@ -53,24 +56,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// Descriptors then chunks, in one buffer: what one launch reads.
-struct Table {
-  std::vector<uint8_t> bytes;
-  size_t chunks_offset = 0;
-  int64_t num_chunks = 0;
-};
-
-Table pack_table(const std::vector<CopyDesc>& descs) {
-  const auto chunks =
-      plan_chunks(descs.data(), static_cast<int64_t>(descs.size()), kCudaChunkBytes);
-  Table table;
-  table.num_chunks = static_cast<int64_t>(chunks.size());
-  table.chunks_offset = (descs.size() * sizeof(CopyDesc) + kTableAlign - 1) / kTableAlign * kTableAlign;
-  table.bytes.resize(table.chunks_offset + chunks.size() * sizeof(CopyChunk));
-  if (!descs.empty()) std::memcpy(table.bytes.data(), descs.data(), descs.size() * sizeof(CopyDesc));
-  if (!chunks.empty()) {
-    std::memcpy(table.bytes.data() + table.chunks_offset, chunks.data(), chunks.size() * sizeof(CopyChunk));
-  }
+TableSet single_table(const std::vector<CopyDesc>& descs) {
+  TableSet table;
+  table.add(descs, kCudaChunkBytes);
   return table;
 }
 
@@ -101,13 +89,13 @@ at::Tensor upload(const std::vector<uint8_t>& bytes, const at::Device& device,
   return on_device;
 }
 
-void launch(const Table& table, const uint8_t* on_device, const at::cuda::CUDAStream& stream) {
-  if (table.num_chunks == 0) return;
+void launch(const TablePart& part, const uint8_t* tables_on_device, const at::cuda::CUDAStream& stream) {
+  if (part.num_chunks == 0) return;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>(table.num_chunks, sms * kBlocksPerSm);
+  const int64_t blocks = std::min<int64_t>(part.num_chunks, sms * kBlocksPerSm);
   batched_copy_kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(
-      reinterpret_cast<const CopyDesc*>(on_device),
-      reinterpret_cast<const CopyChunk*>(on_device + table.chunks_offset), table.num_chunks);
+      reinterpret_cast<const CopyDesc*>(tables_on_device + part.descs_offset),
+      reinterpret_cast<const CopyChunk*>(tables_on_device + part.chunks_offset), part.num_chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -150,54 +138,107 @@ bool capturing() {
   return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
 }
 
-// Pageable sources: packed into pinned buckets by CPU threads, one host-to-device
-// copy per bucket, then scattered by a launch reading the device-side bucket.
-void copy_pageable(const std::vector<CopyDesc>& descs, const at::Device& device,
-                   const at::cuda::CUDAStream& stream) {
-  size_t first = 0;
-  while (first < descs.size()) {
-    // Each source lands at its destination's address modulo 16, so the scatter
-    // keeps the vectorized path.
-    std::vector<int64_t> offsets;
-    int64_t bucket_bytes = 0;
-    size_t last = first;
-    for (; last < descs.size(); ++last) {
-      const CopyDesc& d = descs[last];
-      const int64_t bytes = d.numel * elem_size(d.src_kind);
-      const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(d.dst) % kTableAlign);
-      const int64_t offset = (bucket_bytes + 15) / 16 * 16 + misalign;
-      if (last > first && offset + bytes > kStagingBytes) break;
-      offsets.push_back(offset);
-      bucket_bytes = offset + bytes;
-    }
-    at::Tensor pinned = pinned_bytes(bucket_bytes);
-    auto* packed = static_cast<char*>(pinned.data_ptr());
-    at::parallel_for(first, last, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const CopyDesc& d = descs[i];
-        std::memcpy(packed + offsets[i - first], d.src, d.numel * elem_size(d.src_kind));
-      }
-    });
-    at::Tensor staged = device_bytes(bucket_bytes, device);
-    C10_CUDA_CHECK(cudaMemcpyAsync(staged.data_ptr(), pinned.const_data_ptr(), bucket_bytes,
-                                   cudaMemcpyHostToDevice, stream));
-    hold_until_consumed(pinned, stream);
+// A CUDA event made up front, so that the launch phase creates nothing.
+class Event {
+ public:
+  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  ~Event() { C10_CUDA_IGNORE_ERROR(cudaEventDestroy(event_)); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(const at::cuda::CUDAStream& stream) { C10_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+  void wait_on_host() const { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
-    std::vector<CopyDesc> scatter(descs.begin() + first, descs.begin() + last);
-    for (const auto k : c10::irange(scatter.size())) {
-      scatter[k].src = static_cast<const char*>(staged.const_data_ptr()) + offsets[k];
-    }
-    const Table table = pack_table(scatter);
-    const at::Tensor on_device = upload(table.bytes, device, stream);
-    launch(table, on_device.const_data_ptr<uint8_t>(), stream);
-    // `staged` and `on_device` go back to the caching allocator on this stream:
-    // later work on it runs after the scatter.
-    first = last;
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// Everything a batch needs, allocated before its first launch: an allocation that
+// fails (device or pinned memory) then leaves every destination as it was.
+//
+// Pageable sources travel in buckets (plan_staging): each is packed by CPU threads
+// into one of two pinned buffers, in turn, sent with one copy into the device
+// staging buffer, and scattered from there by a launch. The staging buffer serves
+// every bucket, one after the other on the stream; a pinned buffer is packed again
+// once the copy out of it, two buckets earlier, has run.
+struct PreparedBatch {
+  TableSet tables;  // part 0: the directly read pairs; then one scatter per bucket
+  at::Tensor device_tables;
+  std::vector<CopyDesc> staged;  // the pageable pairs, sources in host memory
+  std::vector<StagingBucket> buckets;
+  at::Tensor staging;  // on the device: the largest bucket
+  at::Tensor pinned[2];
+  std::unique_ptr<Event> packed_sent[2];  // recorded after the copy out of pinned[b % 2]
+  std::vector<at::Tensor> fallback_sources;  // by batch.fallback: on the destinations' device
+};
+
+PreparedBatch prepare(const DescribedBatch& batch, const HostSources& host, at::TensorList src,
+                      const at::Device& device, const at::cuda::CUDAStream& stream) {
+  PreparedBatch prepared;
+  std::vector<CopyDesc> direct;
+  for (const auto k : c10::irange(batch.fused.size())) {
+    (host.pageable[k] ? prepared.staged : direct).push_back(batch.fused[k]);
   }
+  prepared.tables.add(direct, kCudaChunkBytes);
+
+  prepared.buckets = plan_staging(prepared.staged, kStagingBytes);
+  if (!prepared.buckets.empty()) {
+    prepared.staging = device_bytes(std::max(largest_bucket(prepared.buckets, 0),
+                                             largest_bucket(prepared.buckets, 1)), device);
+    for (const size_t parity : {0, 1}) {
+      if (parity >= prepared.buckets.size()) break;
+      prepared.pinned[parity] = pinned_bytes(largest_bucket(prepared.buckets, parity));
+      prepared.packed_sent[parity] = std::make_unique<Event>();
+    }
+    const auto* staging = static_cast<const char*>(prepared.staging.const_data_ptr());
+    for (const StagingBucket& bucket : prepared.buckets) {
+      std::vector<CopyDesc> scatter(prepared.staged.begin() + bucket.first,
+                                    prepared.staged.begin() + bucket.last);
+      for (const auto k : c10::irange(scatter.size())) scatter[k].src = staging + bucket.offsets[k];
+      prepared.tables.add(scatter, kCudaChunkBytes);
+    }
+  }
+  if (!prepared.tables.bytes.empty()) prepared.device_tables = upload(prepared.tables.bytes, device, stream);
+
+  // Tensor::copy_ from the host may allocate (a contiguous or converted temporary):
+  // the fallback pairs' sources come to the device now, and the copies that write
+  // the destinations run between tensors on one device.
+  for (const int64_t i : batch.fallback) {
+    prepared.fallback_sources.push_back(
+        src[i].to(at::TensorOptions().device(device), /*non_blocking=*/true));
+  }
+  return prepared;
 }
 
-void copy_fallback(at::TensorList dst, at::TensorList src, const DescribedBatch& batch) {
-  for (const int64_t i : batch.fallback) dst[i].copy_(src[i], /*non_blocking=*/true);
+void copy_prepared(const PreparedBatch& prepared, const DescribedBatch& batch, at::TensorList dst,
+                   const at::cuda::CUDAStream& stream) {
+  const auto* tables =
+      prepared.device_tables.defined() ? prepared.device_tables.const_data_ptr<uint8_t>() : nullptr;
+  launch(prepared.tables.parts[0], tables, stream);
+  for (const auto b : c10::irange(prepared.buckets.size())) {
+    const StagingBucket& bucket = prepared.buckets[b];
+    const at::Tensor& pinned = prepared.pinned[b % 2];
+    Event& sent = *prepared.packed_sent[b % 2];
+    if (b >= 2) sent.wait_on_host();
+    auto* packed = static_cast<char*>(pinned.data_ptr());
+    at::parallel_for(bucket.first, bucket.last, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const CopyDesc& d = prepared.staged[i];
+        std::memcpy(packed + bucket.offsets[i - bucket.first], d.src, d.numel * elem_size(d.src_kind));
+      }
+    });
+    C10_CUDA_CHECK(cudaMemcpyAsync(prepared.staging.data_ptr(), pinned.const_data_ptr(), bucket.bytes,
+                                   cudaMemcpyHostToDevice, stream));
+    sent.record(stream);
+    launch(prepared.tables.parts[b + 1], tables, stream);
+  }
+  for (const at::Tensor& pinned : prepared.pinned) {
+    if (pinned.defined()) hold_until_consumed(pinned, stream);
+  }
+  for (const auto k : c10::irange(batch.fallback.size())) {
+    dst[batch.fallback[k]].copy_(prepared.fallback_sources[k], /*non_blocking=*/true);
+  }
+  // The staging and table buffers go back to the caching allocator on this stream:
+  // later work on it runs after the launches that read them.
 }
 
 void check_not_capturing() {
@@ -212,21 +253,10 @@ void fused_copy_cuda(const DescribedBatch& batch, at::TensorList dst, at::Tensor
   if (dst.empty()) return;
   const c10::cuda::CUDAGuard guard(dst[0].device());
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-
   const HostSources host = host_sources(src, batch.fused_pairs);
-  std::vector<CopyDesc> direct, staged;
-  for (const auto k : c10::irange(batch.fused.size())) {
-    (host.pageable[k] ? staged : direct).push_back(batch.fused[k]);
-  }
-
-  const Table table = pack_table(direct);
-  if (table.num_chunks > 0) {
-    const at::Tensor on_device = upload(table.bytes, dst[0].device(), stream);
-    launch(table, on_device.const_data_ptr<uint8_t>(), stream);
-    hold_pinned_sources(host, stream);
-  }
-  copy_pageable(staged, dst[0].device(), stream);
-  copy_fallback(dst, src, batch);
+  const PreparedBatch prepared = prepare(batch, host, src, dst[0].device(), stream);
+  copy_prepared(prepared, batch, dst, stream);
+  hold_pinned_sources(host, stream);
 }
 
 void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
@@ -239,8 +269,8 @@ void batched_copy_cuda(at::TensorList dst, at::TensorList src) {
 
 // [host table, device table] for a fixed batch whose sources the device reads directly.
 std::vector<at::Tensor> batched_copy_table(at::TensorList dst, at::TensorList src) {
-  TORCH_CHECK(!dst.empty(), "batched_copy_table: needs at least one pair");
   const DescribedBatch batch = checked_batch(dst, src);
+  if (dst.empty()) return {at::empty({0}, at::kByte), at::empty({0}, at::kByte)};
   const c10::cuda::CUDAGuard guard(dst[0].device());
   const HostSources host = host_sources(src, batch.fused_pairs);
   for (const auto k : c10::irange(batch.fused.size())) {
@@ -248,7 +278,7 @@ std::vector<at::Tensor> batched_copy_table(at::TensorList dst, at::TensorList sr
                 " is in pageable host memory; a replayable copy reads its sources on the device "
                 "or in pinned host memory (Tensor.pin_memory())");
   }
-  const Table table = pack_table(batch.fused);
+  const TableSet table = single_table(batch.fused);
   at::Tensor host_table = at::empty({static_cast<int64_t>(table.bytes.size())}, at::kByte);
   std::memcpy(host_table.data_ptr(), table.bytes.data(), table.bytes.size());
   at::Tensor device_table = device_bytes(host_table.numel(), dst[0].device());
@@ -256,25 +286,32 @@ std::vector<at::Tensor> batched_copy_table(at::TensorList dst, at::TensorList sr
   return {host_table, device_table};
 }
 
+// The replayable copy's strided pairs, read where they are (on the device or pinned).
+void copy_fallback_pairs(at::TensorList dst, at::TensorList src, const DescribedBatch& batch) {
+  for (const int64_t i : batch.fallback) dst[i].copy_(src[i], /*non_blocking=*/true);
+}
+
 // The launch of a table built by batched_copy_table: no allocation, no upload.
 void batched_copy_with_table_(at::TensorList dst, at::TensorList src, const at::Tensor& host_table,
                               const at::Tensor& device_table) {
   const DescribedBatch batch = checked_batch(dst, src);
-  if (dst.empty()) return;
-  const c10::cuda::CUDAGuard guard(dst[0].device());
-  const Table table = pack_table(batch.fused);
+  const TableSet table = single_table(batch.fused);
   TORCH_CHECK(host_table.is_cpu() && host_table.scalar_type() == at::kByte &&
                   host_table.is_contiguous() &&
                   host_table.numel() == static_cast<int64_t>(table.bytes.size()) &&
-                  std::memcmp(host_table.const_data_ptr(), table.bytes.data(), table.bytes.size()) == 0,
+                  (table.bytes.empty() ||
+                   std::memcmp(host_table.const_data_ptr(), table.bytes.data(), table.bytes.size()) == 0),
               "batched_copy_with_table_: the table was built for other tensors (addresses, sizes "
               "or dtypes differ); build it again with batched_copy_table");
-  TORCH_CHECK(device_table.device() == dst[0].device() && device_table.numel() == host_table.numel(),
+  TORCH_CHECK(device_table.numel() == host_table.numel() &&
+                  (dst.empty() || device_table.device() == dst[0].device()),
               "batched_copy_with_table_: the device table must be the one batched_copy_table "
               "returned with this host table");
+  if (dst.empty()) return;
+  const c10::cuda::CUDAGuard guard(dst[0].device());
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-  launch(table, device_table.const_data_ptr<uint8_t>(), stream);
-  copy_fallback(dst, src, batch);
+  launch(table.parts[0], device_table.const_data_ptr<uint8_t>(), stream);
+  copy_fallback_pairs(dst, src, batch);
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
 // Host tests of the batched copy's planner and per-chunk routine: the code the
-// CUDA kernel runs, executed here one lane at a time. Also drives the registered
-// op through the dispatcher, as a C++ caller would.
+// CUDA kernel runs, executed here one lane at a time, and the CUDA backend's
+// upload plan (tables, staging buckets). Also drives the registered op through the
+// dispatcher, as a C++ caller would.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -15,6 +17,7 @@
 
 #include "copy_pairs.h"
 #include "copy_plan.h"
+#include "upload_plan.h"
 
 namespace {
 
@@ -224,6 +227,98 @@ void test_op_through_dispatcher() {
   EXPECT(threw && at::equal(dst[0], before), "a refused batch names the pair and writes nothing");
 }
 
+void test_empty_lists_through_dispatcher() {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  const std::vector<at::Tensor> none;
+  dispatcher.findSchemaOrThrow("fastreload::batched_copy_", "")
+      .typed<void(at::TensorList, at::TensorList)>()
+      .call(none, none);
+  const auto tables = dispatcher.findSchemaOrThrow("fastreload::batched_copy_table", "")
+                          .typed<std::vector<at::Tensor>(at::TensorList, at::TensorList)>()
+                          .call(none, none);
+  EXPECT(tables.size() == 2 && tables[0].numel() == 0 && tables[1].numel() == 0,
+         "the empty batch has empty tables");
+  dispatcher.findSchemaOrThrow("fastreload::batched_copy_with_table_", "")
+      .typed<void(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&)>()
+      .call(none, none, tables[0], tables[1]);
+  const auto check = dispatcher.findSchemaOrThrow("fastreload::batched_copy_check", "")
+                         .typed<at::Tensor(at::TensorList, at::TensorList)>()
+                         .call(none, none);
+  EXPECT(check.numel() == 0, "no pair, no problem code");
+}
+
+// Byte pairs of these sizes, with destinations (never written) at every alignment.
+std::vector<CopyDesc> pageable_descs(const std::vector<int64_t>& bytes) {
+  std::vector<CopyDesc> descs;
+  uintptr_t at = 4096;
+  for (const int64_t b : bytes) {
+    descs.push_back(CopyDesc{nullptr, reinterpret_cast<char*>(at), b, ElemKind::kBytes, ElemKind::kBytes});
+    at += static_cast<uintptr_t>(b) + 3;
+  }
+  return descs;
+}
+
+void test_staging_buckets() {
+  std::mt19937 rng(1);
+  for (const int64_t budget : {int64_t{64}, int64_t{1000}, int64_t{1} << 20}) {
+    std::vector<int64_t> sizes;
+    for (int i = 0; i < 300; ++i) sizes.push_back(rng() % 3 == 0 ? rng() % 3000 + 1 : rng() % 40 + 1);
+    const auto descs = pageable_descs(sizes);
+    const auto buckets = fastreload::plan_staging(descs, budget);
+    size_t next = 0;
+    bool ok = true;
+    for (const auto& bucket : buckets) {
+      ok = ok && bucket.first == next && bucket.last > bucket.first &&
+           bucket.offsets.size() == bucket.last - bucket.first;
+      ok = ok && (bucket.bytes <= budget || bucket.last == bucket.first + 1);
+      int64_t end = 0;
+      for (size_t i = bucket.first; i < bucket.last; ++i) {
+        const int64_t offset = bucket.offsets[i - bucket.first];
+        const auto dst_misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(descs[i].dst) % 16);
+        ok = ok && offset >= end && offset % 16 == dst_misalign;
+        end = offset + descs[i].numel;
+      }
+      ok = ok && end == bucket.bytes;
+      next = bucket.last;
+    }
+    EXPECT(ok && next == descs.size(), "budget %lld: buckets cover every pair in order, apart, aligned",
+           static_cast<long long>(budget));
+    int64_t largest[2] = {0, 0};
+    for (size_t b = 0; b < buckets.size(); ++b) largest[b % 2] = std::max(largest[b % 2], buckets[b].bytes);
+    EXPECT(fastreload::largest_bucket(buckets, 0) == largest[0] && fastreload::largest_bucket(buckets, 1) == largest[1],
+           "the two pinned buffers hold the largest of their buckets");
+  }
+  EXPECT(fastreload::plan_staging({}, 64).empty(), "no pageable pair, no bucket");
+}
+
+void test_table_set_parts() {
+  const auto first = pageable_descs({10, 300000, 7});
+  const auto second = pageable_descs({1, 2, 3, 4, 5});
+  fastreload::TableSet set;
+  set.add(first, 1 << 16);
+  set.add({}, 1 << 16);
+  set.add(second, 1 << 16);
+  fastreload::TableSet alone;
+  alone.add(first, 1 << 16);
+  EXPECT(alone.parts[0].descs_offset == 0 && alone.parts[0].chunks_offset % 16 == 0,
+         "a table of one part starts with its descriptors");
+  bool ok = set.parts.size() == 3;
+  for (size_t p = 0; ok && p < set.parts.size(); ++p) {
+    const auto& part = set.parts[p];
+    const auto& descs = p == 0 ? first : p == 2 ? second : std::vector<CopyDesc>{};
+    const auto chunks = fastreload::plan_chunks(descs.data(), static_cast<int64_t>(descs.size()), 1 << 16);
+    ok = ok && part.descs_offset % 16 == 0 && part.chunks_offset % 16 == 0 &&
+         part.num_chunks == static_cast<int64_t>(chunks.size()) &&
+         part.chunks_offset + chunks.size() * sizeof(CopyChunk) <= set.bytes.size();
+    ok = ok && (descs.empty() ||
+                std::memcmp(set.bytes.data() + part.descs_offset, descs.data(), descs.size() * sizeof(CopyDesc)) == 0);
+    ok = ok && (chunks.empty() || std::memcmp(set.bytes.data() + part.chunks_offset, chunks.data(),
+                                              chunks.size() * sizeof(CopyChunk)) == 0);
+    if (p > 0) ok = ok && part.descs_offset >= set.parts[p - 1].chunks_offset;
+  }
+  EXPECT(ok, "each part holds its descriptors and chunks, aligned, after the one before");
+}
+
 }  // namespace
 
 int main() {
@@ -234,6 +329,9 @@ int main() {
       {"batches with device lanes", test_batches_with_device_lanes},
       {"pair checks", test_pair_checks},
       {"op through the dispatcher", test_op_through_dispatcher},
+      {"empty lists through the dispatcher", test_empty_lists_through_dispatcher},
+      {"staging buckets", test_staging_buckets},
+      {"table set parts", test_table_set_parts},
   };
   for (const auto& [name, test] : tests) {
     const int before = failures;

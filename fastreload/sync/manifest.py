@@ -11,6 +11,7 @@ manifest alone: nothing has to be configured twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -68,6 +69,11 @@ class Manifest:
     entries: tuple[Entry, ...]
     bucket_bytes: int
     wire_bytes: int  # up to the end of the last tensor
+
+    @functools.cached_property
+    def payload_bytes(self) -> int:
+        """Bytes of the weights themselves (tied names once)."""
+        return sum(e.nbytes for e in self.entries if e.same_as is None)
 
     @property
     def buckets(self) -> int:

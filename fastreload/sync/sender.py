@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -131,7 +132,7 @@ class Sender:
             raise ReloadError(reason=(
                 f"receivers on ranks {failed} failed to write the update (their errors say which "
                 "layers they wrote); the version is committed on no rank"), rank=failed[0], version=version)
-        sent = sum(e.nbytes for e in layout.entries if e.same_as is None)
+        sent = layout.payload_bytes
         wire = layout.wire_bytes + layout.buckets * HEAD + (len(encoded) if send_manifest else 0)
         return SendReport(version, sent, time.perf_counter() - started, wire, layout.buckets,
                           channel.waited - waited, send_manifest, self._packed)
@@ -330,6 +331,7 @@ class _Packing:
         self.tied = [(e.name, e.same_as) for e in layout.entries if e.same_as is not None]
         self.shapes = [torch.Size(e.shape) for e in order]
         self.dtypes: list[torch.dtype] | None = None  # the sources', from the first mapping
+        self.expected: ops.CheckpointTensors | None = None  # their shapes and devices, checked in C++
         B = layout.bucket_bytes
         # Per bucket: (piece running in, whole entries [a, z), piece running on); a
         # piece is (entry index, first element, end element) of a tensor larger
@@ -376,7 +378,10 @@ class _Packing:
         try:
             values = self.fetch(weights)
             dtypes = [t.dtype for t in values]
-            if [t.shape for t in values] != self.shapes:
+            if self.expected is None:
+                if [t.shape for t in values] != self.shapes:
+                    return False
+            elif not self.expected.fits(values):  # shapes and devices in one pass
                 return False
             for second, first in self.tied:
                 if _memory_key(weights[second]) != _memory_key(weights[first]) or _memory_key(weights[first]) is None:
@@ -385,6 +390,9 @@ class _Packing:
             return False
         if self.dtypes is None:
             self.dtypes = dtypes
+            self.expected = ops.CheckpointTensors([
+                SimpleNamespace(shape=tuple(t.shape), dtype=t.dtype, device=t.device, cls=torch.Tensor,
+                                requires_grad=False, loader=None) for t in values])
         elif dtypes != self.dtypes:
             return False
         self.values, self._flat = values, {}

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 __all__ = ["Channel", "TransportError", "connect"]
 
-# How long a wait for an update to start sleeps between looks at the store, at most.
-_POLL_SECONDS = 0.02
+# How long a wait for an update to start sleeps between looks at the store, at most
+# (each look is one small request to the store: a few hundred a second is nothing).
+_POLL_SECONDS = 0.004
 # A wait told to last forever: any timeout the transport takes must be finite.
 _FOREVER = datetime.timedelta(days=365 * 10)
 

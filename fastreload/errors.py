@@ -1,6 +1,8 @@
 """The errors a reload raises. A mapping or files are checked whole before the first
 byte is written; a stream is checked layer by layer, and its errors name the layers
-already written and those not."""
+already written and those not. Every refusal of a reload is a ReloadError (or a
+subclass of it, such as fastreload.sources.SafetensorsError), so that
+``except fastreload.ReloadError`` keeps a server alive through any bad source."""
 
 from __future__ import annotations
 
@@ -31,8 +33,14 @@ class ReloadError(RuntimeError):
     (fused and sharded targets, by destination or "destination <- source" name ->
     why: out of bounds, another shape than the source, overlapping, not covering
     the destination, a shard count that does not divide the size).
-    For a stream, written_layers and unwritten_layers say where it stopped; they are
-    empty when nothing was written.
+    reason holds a problem none of those kinds describes (a source that is not
+    what it should be: a file cut short, a stream item that is no tensor), and file
+    the path of the file it concerns, if any (None otherwise).
+    For a stream, and for files that changed while they were read, written_layers
+    and unwritten_layers say where it stopped; they are empty when nothing was
+    written. ``str(error)`` starts by saying whether anything was.
+
+    The constructor takes keywords only, so that kinds can be added.
     """
 
     def __init__(
@@ -48,6 +56,8 @@ class ReloadError(RuntimeError):
         processed: Mapping[str, str] | None = None,
         regions: Mapping[str, str] | None = None,
         held_over: str = "",
+        reason: str = "",
+        file: str | None = None,
         written_layers: Iterable[str] = (),
         unwritten_layers: Iterable[str] = (),
     ) -> None:
@@ -60,6 +70,8 @@ class ReloadError(RuntimeError):
         self.duplicates = tuple(duplicates)
         self.processed = dict(processed or {})
         self.regions = dict(regions or {})
+        self.reason = reason
+        self.file = file
         self.written_layers = tuple(written_layers)
         self.unwritten_layers = tuple(unwritten_layers)
         lines = []
@@ -89,6 +101,8 @@ class ReloadError(RuntimeError):
             lines.append(f"{name!r}: {why}")
         if held_over:
             lines.append(held_over)
+        if reason:
+            lines.append(reason)
         if self.written_layers:
             lines.append(f"layers already written: {_names(self.written_layers)}")
             lines.append(f"layers not written: {_names(self.unwritten_layers)}")

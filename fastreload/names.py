@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from fastreload.errors import ReloadError
 from fastreload.regions import Target
 
 __all__ = ["Renamed", "detect_wrappers", "renamer"]
@@ -89,7 +90,7 @@ class Renamed(Mapping[str, torch.Tensor]):
                 clashes.append(f"{self._original[new]!r} and {name!r} both become {new!r}")
             self._original[new] = name
         if clashes:
-            raise ValueError(f"rename maps several source names to one: {'; '.join(clashes[:5])}")
+            raise ReloadError(reason=f"rename maps several source names to one: {'; '.join(clashes[:5])}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._source[self._original[name]]

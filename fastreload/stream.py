@@ -10,6 +10,7 @@ layers already written and those not.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -72,6 +73,19 @@ class _Consumer:
         self.replay = None if replay is None else Replay(
             replay, model, batch_bytes=replay_batch_bytes or batch_bytes, on_written=on_written, fail=self.fail)
 
+    def release(self, error: BaseException) -> None:
+        """Lets go of every tensor the stream gave, after a failure: a caller may keep
+        the error (and with it this object, through the traceback) for long, and the
+        tensors of layers not written may be most of a model."""
+        self.pending.clear()
+        self.pieces.clear()
+        self.ready = []
+        if self.replay is not None:
+            self.replay.values = [None] * len(self.replay.values)
+            self.replay.pieces.clear()
+            self.replay.buffers.clear()
+        _clear_frames(error)
+
     def fail(self, **problems) -> ReloadError:
         written = set(self.written_units)
         names = [u.prefix or "<root>" for u in self.layout.units]
@@ -81,6 +95,9 @@ class _Consumer:
             replayed, not_replayed = self.replay.layers()
             written_layers, unwritten_layers = replayed + written_layers, not_replayed + unwritten_layers
         return ReloadError(**problems, written_layers=written_layers, unwritten_layers=unwritten_layers)
+
+    def not_a_tensor(self, name: str, value) -> ReloadError:
+        return self.fail(mismatched={name: f"the stream gave a {type(value).__name__}, not a tensor"})
 
     def hold(self, nbytes: int) -> None:
         self.bytes_read += nbytes
@@ -111,7 +128,7 @@ class _Consumer:
             raise self.fail(duplicates=[name])
         self.seen.add(name)
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"stream item {name!r}: expected a tensor, got {type(tensor).__name__}")
+            raise self.not_a_tensor(name, tensor)
         replay = self.replay
         if replay is not None and name in replay.plan.index:
             replay.take(name, tensor, flush=False)
@@ -163,7 +180,9 @@ class _Consumer:
             try:
                 name, tensor = item
             except (TypeError, ValueError):
-                raise TypeError(f"a stream yields (name, tensor) pairs, got {item!r:.80}") from None
+                raise self.fail(reason=f"a stream yields (name, tensor) pairs, got {_shown(item)}") from None
+            if type(name) is not str:
+                raise self.fail(reason=f"a stream's names are strings, got {_shown(name)} with {_shown(tensor)}")
             index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
             if index is None or index in pending or index in written or name in seen or self.pieces \
                     or not isinstance(tensor, tensor_type):
@@ -200,7 +219,7 @@ class _Consumer:
         """A source tensor for a region of a destination; the destination arrives
         when its regions cover it."""
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"stream item {source_name!r}: expected a tensor, got {type(tensor).__name__}")
+            raise self.not_a_tensor(source_name, tensor)
         name = target.name
         replay = self.replay
         if replay is not None and name in replay.plan.index:
@@ -340,6 +359,16 @@ class _Consumer:
                             self.regions + replay.regions)
 
 
+def _shown(value) -> str:
+    """A stream's item in an error: its type and the start of its repr (which may be
+    long, or fail)."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = "?"
+    return f"{type(value).__name__} {text:.80}"
+
+
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
             max_held_bytes: int | None, rename=None, detect=None, on_written=None,
             replay: ReplayPlan | None = None, model=None, replay_batch_bytes: int | None = None) -> StreamResult:
@@ -348,5 +377,17 @@ def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
     Replayed units go in batches of replay_batch_bytes (default: batch_bytes)."""
     consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written,
                          replay, model, replay_batch_bytes)
-    consumer.take_all(iter(pairs))
-    return consumer.finish()
+    try:
+        consumer.take_all(iter(pairs))
+        return consumer.finish()
+    except BaseException as error:
+        consumer.release(error)
+        raise
+
+
+def _clear_frames(error: BaseException) -> None:
+    """The locals of the finished frames of an error's traceback, and of its cause's
+    (the stream's own error, which a failed stream is raised from)."""
+    traceback.clear_frames(error.__traceback__)
+    if error.__cause__ is not None:
+        traceback.clear_frames(error.__cause__.__traceback__)

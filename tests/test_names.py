@@ -86,7 +86,7 @@ def test_unexplained_names_are_still_refused():
 def test_rename_that_merges_names_is_refused():
     model = Wrapped()
     state = values(model)
-    with pytest.raises(ValueError, match="both become"):
+    with pytest.raises(ReloadError, match="nothing was written:\n  rename maps several source names to one: .*both become"):
         reload_layerwise(model, state, rename=lambda n: "model.a.weight")
     with pytest.raises(TypeError, match="prefix replacements"):
         reload_layerwise(model, state, rename=["model."])

@@ -101,3 +101,11 @@ def test_progress_bar_and_log_line(capsys, caplog):
     assert sum("reloaded 4 tensors" in r.message for r in caplog.records) == 2
     err = capsys.readouterr().err
     assert "fastreload" in err and "100%" in err
+
+
+def test_names_that_are_no_strings_are_unexpected():
+    model = Wrapped()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ReloadError, match="not in the model: 1, 2"):
+        reload_layerwise(model, {1: torch.ones(1), 2: torch.ones(1)})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -21,7 +21,8 @@ def _names(names: Iterable[str]) -> str:
 
 
 class ReloadError(RuntimeError):
-    """A reload refused; nothing of the model was written.
+    """A reload refused (nothing of the model written), or stopped after writing some
+    layers; ``str(error)`` starts by saying which.
 
     Attributes hold every problem found, by kind, keyed by state_dict name:
     missing, unexpected, mismatched (name -> "expected ... got ..."), uninitialized

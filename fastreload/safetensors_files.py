@@ -295,6 +295,8 @@ class SafetensorsSource(Mapping[str, torch.Tensor]):
 
 
 def _listed(names: list[str]) -> str:
+    if not names:
+        return "no tensor"
     shown = ", ".join(repr(n) for n in names[:8])
     return (f"{len(names)} tensors: " if len(names) > 1 else "tensor ") + shown + (", ..." if len(names) > 8 else "")
 

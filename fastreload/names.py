@@ -63,7 +63,7 @@ def detect_wrappers(names, known: Callable[[str], bool]) -> tuple[str, Callable[
     """The first common wrapper under which every one of `names` is a name the model
     knows, or None."""
     names = list(names)
-    if not all(type(n) is str for n in names):
+    if not all(isinstance(n, str) for n in names):
         return None  # names the model cannot have: unexpected under any wrapper
     for description, rename in _candidates():
         if names and all(known(rename(n)) for n in names):

@@ -112,6 +112,8 @@ class _Consumer:
                 "apart for this cap"))
 
     def take(self, name: str, tensor: torch.Tensor) -> None:
+        if not isinstance(name, str):
+            raise self.fail(reason=f"a stream's names are strings, got {_shown(name)} with {_shown(tensor)}")
         if self.rename is not None:
             source_name, name = name, self.rename(name)
             if isinstance(name, Target):
@@ -181,9 +183,10 @@ class _Consumer:
                 name, tensor = item
             except (TypeError, ValueError):
                 raise self.fail(reason=f"a stream yields (name, tensor) pairs, got {_shown(item)}") from None
-            if type(name) is not str:
-                raise self.fail(reason=f"a stream's names are strings, got {_shown(name)} with {_shown(tensor)}")
-            index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
+            try:
+                index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
+            except TypeError:  # an unhashable name: take() refuses it
+                index = None
             if index is None or index in pending or index in written or name in seen or self.pieces \
                     or not isinstance(tensor, tensor_type):
                 take(name, tensor)  # a rename, a replay, the first name, a region, a tied name, a refusal

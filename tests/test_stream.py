@@ -196,6 +196,10 @@ def test_items_must_be_name_tensor_pairs():
         reload_layerwise(model, [(3, torch.ones(3))])
     with pytest.raises(ReloadError, match="a stream's names are strings, got list"):
         reload_layerwise(model, [(["embed.weight"], torch.ones(3))])
+    first = ("embed.weight", model.embed.weight.detach().clone())
+    for name in (3, ["blocks.0.weight"], None):  # after a first name, on the common path
+        with pytest.raises(ReloadError, match="a stream's names are strings"):
+            reload_layerwise(model, [first, (name, torch.ones(3))])
 
 
 def _rss_bytes() -> int:

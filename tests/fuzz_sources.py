@@ -11,6 +11,7 @@ falsifying example on the first failure.
 
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -173,9 +174,12 @@ def damaged_indexes(content):
 
 
 def main():
-    for prop in (truncated, flipped_header_bytes, lying_header_fields, unreadable_headers, header_lengths,
-                 damaged_indexes):
-        prop()
+    try:
+        for prop in (truncated, flipped_header_bytes, lying_header_fields, unreadable_headers, header_lengths,
+                     damaged_indexes):
+            prop()
+    finally:
+        shutil.rmtree(FOLDER, ignore_errors=True)
     print(json.dumps(OUTCOMES))
 
 

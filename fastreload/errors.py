@@ -1,6 +1,8 @@
 """The errors a reload raises. A mapping or files are checked whole before the first
 byte is written; a stream is checked layer by layer, and its errors name the layers
-already written and those not."""
+already written and those not. Every refusal of a reload is a ReloadError (or a
+subclass of it, such as fastreload.sources.SafetensorsError), so that
+``except fastreload.ReloadError`` keeps a server alive through any bad source."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ def _names(names: Iterable[str]) -> str:
 
 
 class ReloadError(RuntimeError):
-    """A reload refused; nothing of the model was written.
+    """A reload refused (nothing of the model written), or stopped after writing some
+    layers; ``str(error)`` starts by saying which.
 
     Attributes hold every problem found, by kind, keyed by state_dict name:
     missing, unexpected, mismatched (name -> "expected ... got ..."), uninitialized
@@ -31,10 +34,16 @@ class ReloadError(RuntimeError):
     (fused and sharded targets, by destination or "destination <- source" name ->
     why: out of bounds, another shape than the source, overlapping, not covering
     the destination, a shard count that does not divide the size).
-    For a stream or a sync, written_layers and unwritten_layers say where it stopped;
-    they are empty when nothing was written. reason is a problem in words, beyond
-    those kinds (a file, a peer, the transport). In a sync, rank is the rank that
-    refused or failed (where known) and version the update's.
+    reason holds a problem none of those kinds describes (a source that is not
+    what it should be: a file cut short, a stream item that is no tensor), and file
+    the path of the file it concerns, if any (None otherwise).
+    For a stream, a sync, and files that changed while they were read,
+    written_layers and unwritten_layers say where it stopped; they are empty when
+    nothing was written. ``str(error)`` starts by saying whether anything was. In a
+    sync, rank is the rank that refused or failed (where known) and version the
+    update's (both None otherwise).
+
+    The constructor takes keywords only, so that kinds can be added.
     """
 
     def __init__(
@@ -50,9 +59,10 @@ class ReloadError(RuntimeError):
         processed: Mapping[str, str] | None = None,
         regions: Mapping[str, str] | None = None,
         held_over: str = "",
+        reason: str = "",
+        file: str | None = None,
         written_layers: Iterable[str] = (),
         unwritten_layers: Iterable[str] = (),
-        reason: str = "",
         rank: int | None = None,
         version: int | None = None,
     ) -> None:
@@ -65,12 +75,13 @@ class ReloadError(RuntimeError):
         self.duplicates = tuple(duplicates)
         self.processed = dict(processed or {})
         self.regions = dict(regions or {})
+        self.reason = reason
+        self.file = file
         self.written_layers = tuple(written_layers)
         self.unwritten_layers = tuple(unwritten_layers)
-        self.reason = reason
         self.rank = rank
         self.version = version
-        lines = [reason] if reason else []
+        lines = []
         if self.missing:
             lines.append(f"missing from the source: {_names(self.missing)}")
         if self.unexpected:
@@ -97,13 +108,14 @@ class ReloadError(RuntimeError):
             lines.append(f"{name!r}: {why}")
         if held_over:
             lines.append(held_over)
-        if self.written_layers:
-            lines.append(f"layers already written: {_names(self.written_layers)}")
-            lines.append(f"layers not written: {_names(self.unwritten_layers)}")
+        if reason:
+            lines.append(reason)
         what = "reload" if version is None else f"update {version}"
         if rank is not None:
             what += f" on rank {rank}"
         if self.written_layers:
+            lines.append(f"layers already written: {_names(self.written_layers)}")
+            lines.append(f"layers not written: {_names(self.unwritten_layers)}")
             headline = f"{what} stopped after writing {len(self.written_layers)} layers"
         else:
             headline = f"{what} refused, nothing was written"

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from fastreload.errors import ReloadError
 from fastreload.regions import Target
 
 __all__ = ["Renamed", "detect_wrappers", "renamer"]
@@ -63,6 +64,8 @@ def detect_wrappers(names, known: Callable[[str], bool]) -> tuple[str, Callable[
     """The first common wrapper under which every one of `names` is a name the model
     knows, or None."""
     names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        return None  # names the model cannot have: unexpected under any wrapper
     for description, rename in _candidates():
         if names and all(known(rename(n)) for n in names):
             return description, rename
@@ -101,7 +104,7 @@ class Renamed(Mapping[str, torch.Tensor]):
                 clashes.append(f"{original[new]!r} and {name!r} both become {new!r}")
             original[new] = name
         if clashes:
-            raise ValueError(f"rename maps several source names to one: {'; '.join(clashes[:5])}")
+            raise ReloadError(reason=f"rename maps several source names to one: {'; '.join(clashes[:5])}")
         self._renamed = original, regions
         return self._renamed
 

@@ -18,8 +18,8 @@ except ImportError as error:
         "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
-    "BoundCopy", "CheckpointTensors", "PairProblem", "ReplayableCopy", "ValuesInOrder", "batched_copy_", "batched_copy_check", "batched_copy_table",
-    "batched_copy_with_table_", "converts", "storage_alias_mask", "storage_ptrs",
+    "BoundCopy", "CheckpointTensors", "MappedFile", "PairProblem", "ReplayableCopy", "ValuesInOrder", "batched_copy_", "batched_copy_check", "batched_copy_table",
+    "batched_copy_with_table_", "converts", "guard_mapped_files", "storage_alias_mask", "storage_ptrs",
 ]
 
 
@@ -119,6 +119,32 @@ class ValuesInOrder:
 
     def __call__(self, source: Mapping) -> tuple | None:
         return self._values.read(source)
+
+
+class MappedFile:
+    """The first `size` bytes of an open file, mapped private, readable as a buffer
+    (torch.frombuffer) for as long as a view of it lives (csrc/python/mapped_file.cpp).
+
+    A read past the end of the file after another process cut it short does not
+    raise SIGBUS: those pages read as zeros, and first_lost() says from which file
+    offset (-1 while none was lost). guard_mapped_files() puts that protection back
+    in place should another handler of SIGBUS have replaced it."""
+
+    def __init__(self, fd: int, size: int, path: str) -> None:
+        self._map = _C.MappedFile(fd, size, path)
+
+    def buffer(self):
+        return self._map
+
+    def first_lost(self) -> int:
+        return self._map.first_lost()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+def guard_mapped_files() -> None:
+    _C.guard_mapped_files()
 
 
 class CheckpointTensors:

@@ -190,7 +190,7 @@ def assemble_regions(layout: Layout, regions, get, sources_of=None) -> Regions:
     for target, name in regions:
         tensor = get(name)
         if not isinstance(tensor, torch.Tensor):
-            raise_not_tensors([name])
+            raise_not_tensors({name: tensor})
         index = layout.target_index.get(target.name)
         if index is None:
             if target.name in layout.uninitialized:
@@ -251,13 +251,13 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
     unexpected: list[str] = []
     uninitialized: list[str] = []
     conflicts: list[str] = []
-    not_tensors: list[str] = []
+    not_tensors: dict[str, object] = {}
     for name in source.keys() - plan.leading_set:
         index = layout.target_index.get(name)
         if index is not None:  # a tied second name
             value = source[name]
             if not isinstance(value, torch.Tensor):
-                not_tensors.append(name)
+                not_tensors[name] = value
             elif values[index] is None:
                 values[index] = value
             elif not same_values(values[index], value):
@@ -281,8 +281,8 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
             elif strict:
                 region_problems[pieces.name] = regions.uncovered(pieces)
     missing = [plan.leading[i] for i, v in enumerate(values) if v is None]
-    not_tensors += [plan.leading[i] for i, v in enumerate(values)
-                    if v is not None and not isinstance(v, (torch.Tensor, Pieces))]
+    not_tensors.update((plan.leading[i], v) for i, v in enumerate(values)
+                       if v is not None and not isinstance(v, (torch.Tensor, Pieces)))
     if not_tensors:
         raise_not_tensors(not_tensors)
 
@@ -330,8 +330,10 @@ def expand(plan: Plan, values, indices) -> tuple[list, list, list]:
     return dsts, srcs, names
 
 
-def raise_not_tensors(names) -> None:
-    raise TypeError(f"source values must be tensors; not so for {list(names)[:20]}")
+def raise_not_tensors(values: Mapping[str, object]) -> None:
+    """values: source name -> the value that is no tensor. Raised before anything is written."""
+    raise ReloadError(mismatched={name: f"the source value is a {type(value).__name__}, not a tensor"
+                                  for name, value in values.items()})
 
 
 class StaleLayout(Exception):

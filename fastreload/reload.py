@@ -164,7 +164,7 @@ def _write(plan, work: Work, on_written) -> None:
         try:
             problems = plan.bound(work.srcs, on_written)
         except TypeError:
-            not_tensors = [n for n, v in zip(work.names, work.srcs) if not isinstance(v, torch.Tensor)]
+            not_tensors = {n: v for n, v in zip(work.names, work.srcs) if not isinstance(v, torch.Tensor)}
             if not_tensors:
                 raise_not_tensors(not_tensors)
             raise
@@ -182,6 +182,20 @@ def _write(plan, work: Work, on_written) -> None:
         if len(work.batches) == 1:
             check_pairs(work)  # batched_copy_ refused the batch whole: name the pairs
         raise
+
+
+def _layers_of(work: Work, session: Replay | None) -> tuple[list[str], list[str]]:
+    """The layers a finished copy wrote, and those it left out (strict=False)."""
+    layout = work.plan.layout
+    missing = set(work.missing)
+    written, unwritten = [], []
+    for unit in layout.units:
+        names = (t.name for t in layout.targets[unit.start:unit.stop])
+        (written if any(n not in missing for n in names) else unwritten).append(unit.prefix or "<root>")
+    if session is not None:
+        replayed, not_replayed = session.layers()
+        written, unwritten = replayed + written, not_replayed + unwritten
+    return written, unwritten
 
 
 def _known_to(layout: Layout, replay: ReplayPlan | None = None):
@@ -266,7 +280,17 @@ def reload_layerwise(
     which reports them instead), shape mismatches, dtypes that do not convert, tied
     names with different values and source tensors aimed at uninitialized
     parameters: for a mapping or files before anything is written, for a stream
-    naming the layers already written and those not.
+    naming the layers already written and those not. Every refusal of the source
+    is a ReloadError: values that are no tensors, a rename mapping two names to
+    one, files that cannot be read as safetensors (``SafetensorsError``, a
+    subclass) and files cut short or rewritten in place while they were read
+    (after the copy: the error names the file and the layers written).
+
+    Programming errors in the arguments themselves, not in what the source holds,
+    raise ValueError or TypeError: a ``batch_bytes`` that is not positive, a
+    ``rename`` that is neither a callable nor a dict, a ``state_dict`` of no kind
+    above. Exceptions raised by the caller's own code (a ``rename`` callable)
+    propagate as they are.
     """
     started = time.perf_counter()
     kind, source = open_source(state_dict)
@@ -305,12 +329,19 @@ def reload_layerwise(
                 if bar is not None:
                     bar.total = plan_for(layout, batch_bytes).total_bytes
                 try:
-                    layout, done, session = _copy(model, layout, source, strict, batch_bytes, replay_batch_bytes,
-                                                  on_written)
-                except StaleLayout:
-                    forget(model)
-                    layout, done, session = _copy(model, layout_of(model), source, strict, batch_bytes,
-                                                  replay_batch_bytes, on_written)
+                    try:
+                        layout, done, session = _copy(model, layout, source, strict, batch_bytes,
+                                                      replay_batch_bytes, on_written)
+                    except StaleLayout:
+                        forget(model)
+                        layout, done, session = _copy(model, layout_of(model), source, strict, batch_bytes,
+                                                      replay_batch_bytes, on_written)
+                except ReloadError as error:
+                    if files is not None:  # a file cut short may be why: say so first
+                        files.check_unchanged(lambda: (error.written_layers, error.unwritten_layers))
+                    raise
+                if files is not None:
+                    files.check_unchanged(lambda: _layers_of(done, session))
                 calls, peak = done.copies, 0
                 replayed = custom_loaded = ()
                 if session is not None:

@@ -30,7 +30,7 @@ from torch import nn
 from fastreload import ops
 from fastreload.errors import ReloadError
 from fastreload.model import Layout, Unit, is_uninitialized, registrations_unseen, same_memory_key, split_entries, walk
-from fastreload.plan import Fetcher, same_values
+from fastreload.plan import Fetcher, raise_not_tensors, same_values
 from fastreload.regions import Pieces, RegionProblem, Target, dest_view, region_views
 
 __all__ = ["Recording", "Replay", "ReplayPlan", "record", "recording_of", "replay_plan"]
@@ -584,7 +584,7 @@ class Replay:
         for target, name in regions:
             tensor = source.original(name)
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"source values must be tensors; not so for {[name]}")
+                raise_not_tensors({name: tensor})
             try:
                 self.take_region(name, target, tensor, flush=False)
             except ReloadError as error:
@@ -597,7 +597,7 @@ class Replay:
             if tensor is None:
                 continue
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"source values must be tensors; not so for {[name]}")
+                raise_not_tensors({name: tensor})
             try:
                 self.take(name, tensor, flush=False)
             except ReloadError as error:

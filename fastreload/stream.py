@@ -10,6 +10,7 @@ layers already written and those not.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -74,6 +75,19 @@ class _Consumer:
         self.replay = None if replay is None else Replay(
             replay, model, batch_bytes=replay_batch_bytes or batch_bytes, on_written=on_written, fail=self.fail)
 
+    def release(self, error: BaseException) -> None:
+        """Lets go of every tensor the stream gave, after a failure: a caller may keep
+        the error (and with it this object, through the traceback) for long, and the
+        tensors of layers not written may be most of a model."""
+        self.pending.clear()
+        self.pieces.clear()
+        self.ready = []
+        if self.replay is not None:
+            self.replay.values = [None] * len(self.replay.values)
+            self.replay.pieces.clear()
+            self.replay.buffers.clear()
+        _clear_frames(error)
+
     def fail(self, **problems) -> ReloadError:
         written = set(self.written_units)
         names = [u.prefix or "<root>" for u in self.layout.units]
@@ -83,6 +97,9 @@ class _Consumer:
             replayed, not_replayed = self.replay.layers()
             written_layers, unwritten_layers = replayed + written_layers, not_replayed + unwritten_layers
         return ReloadError(**problems, written_layers=written_layers, unwritten_layers=unwritten_layers)
+
+    def not_a_tensor(self, name: str, value) -> ReloadError:
+        return self.fail(mismatched={name: f"the stream gave a {type(value).__name__}, not a tensor"})
 
     def hold(self, nbytes: int) -> None:
         self.bytes_read += nbytes
@@ -97,6 +114,8 @@ class _Consumer:
                 "apart for this cap"))
 
     def take(self, name: str, tensor: torch.Tensor) -> None:
+        if not isinstance(name, str):
+            raise self.fail(reason=f"a stream's names are strings, got {_shown(name)} with {_shown(tensor)}")
         if (self.rename is None and self.hub is not None and name in self.hub
                 and (self.detect is None or not self.detect(name))):
             self.use_hub()
@@ -120,7 +139,7 @@ class _Consumer:
             raise self.fail(duplicates=[name])
         self.seen.add(name)
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"stream item {name!r}: expected a tensor, got {type(tensor).__name__}")
+            raise self.not_a_tensor(name, tensor)
         replay = self.replay
         if replay is not None and name in replay.plan.index:
             replay.take(name, tensor, flush=False)
@@ -172,8 +191,11 @@ class _Consumer:
             try:
                 name, tensor = item
             except (TypeError, ValueError):
-                raise TypeError(f"a stream yields (name, tensor) pairs, got {item!r:.80}") from None
-            index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
+                raise self.fail(reason=f"a stream yields (name, tensor) pairs, got {_shown(item)}") from None
+            try:
+                index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
+            except TypeError:  # an unhashable name: take() refuses it
+                index = None
             if index is None or index in pending or index in written or name in seen or self.pieces \
                     or not isinstance(tensor, tensor_type):
                 take(name, tensor)  # a rename, a replay, the first name, a region, a tied name, a refusal
@@ -217,7 +239,7 @@ class _Consumer:
         when its regions cover it. read: the tensor's bytes count as read (once per
         source tensor; they are held once per region)."""
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"stream item {source_name!r}: expected a tensor, got {type(tensor).__name__}")
+            raise self.not_a_tensor(source_name, tensor)
         name = target.name
         self.region_sources.add(source_name)
         replay = self.replay
@@ -360,6 +382,16 @@ class _Consumer:
                             self.regions + replay.regions)
 
 
+def _shown(value) -> str:
+    """A stream's item in an error: its type and the start of its repr (which may be
+    long, or fail)."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = "?"
+    return f"{type(value).__name__} {text:.80}"
+
+
 def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
             max_held_bytes: int | None, rename=None, detect=None, on_written=None,
             replay: ReplayPlan | None = None, model=None, replay_batch_bytes: int | None = None,
@@ -370,5 +402,17 @@ def consume(plan: Plan, pairs: Iterable, *, strict: bool, batch_bytes: int,
     model's checkpoint-format rename, used from the first name only it explains."""
     consumer = _Consumer(plan, strict, batch_bytes, max_held_bytes, rename, detect, on_written,
                          replay, model, replay_batch_bytes, hub if rename is None else None)
-    consumer.take_all(iter(pairs))
-    return consumer.finish()
+    try:
+        consumer.take_all(iter(pairs))
+        return consumer.finish()
+    except BaseException as error:
+        consumer.release(error)
+        raise
+
+
+def _clear_frames(error: BaseException) -> None:
+    """The locals of the finished frames of an error's traceback, and of its cause's
+    (the stream's own error, which a failed stream is raised from)."""
+    traceback.clear_frames(error.__traceback__)
+    if error.__cause__ is not None:
+        traceback.clear_frames(error.__cause__.__traceback__)

@@ -86,7 +86,7 @@ def test_unexplained_names_are_still_refused():
 def test_rename_that_merges_names_is_refused():
     model = Wrapped()
     state = values(model)
-    with pytest.raises(ValueError, match="both become"):
+    with pytest.raises(ReloadError, match="nothing was written:\n  rename maps several source names to one: .*both become"):
         reload_layerwise(model, state, rename=lambda n: "model.a.weight")
     with pytest.raises(TypeError, match="prefix replacements"):
         reload_layerwise(model, state, rename=["model."])
@@ -101,3 +101,11 @@ def test_progress_bar_and_log_line(capsys, caplog):
     assert sum("reloaded 4 tensors" in r.message for r in caplog.records) == 2
     err = capsys.readouterr().err
     assert "fastreload" in err and "100%" in err
+
+
+def test_names_that_are_no_strings_are_unexpected():
+    model = Wrapped()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ReloadError, match="not in the model: 1, 2"):
+        reload_layerwise(model, {1: torch.ones(1), 2: torch.ones(1)})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -214,3 +214,108 @@ def test_rewritten_files_are_read_afresh(tmp_path):
         save_file(state, path)  # a new checkpoint at the same path every step
         reload_layerwise(model, path)
         assert_loaded(model, state)
+
+
+def test_every_bad_source_is_a_reload_error_saying_nothing_was_written(tmp_path):
+    model = Net()
+    path = tmp_path / "model.safetensors"
+    save_file(checkpoint(model), path)
+    path.write_bytes(corrupt(path, "truncated"))
+    with pytest.raises(ReloadError) as caught:
+        reload_layerwise(model, path)
+    assert isinstance(caught.value, SafetensorsError) and isinstance(caught.value, ValueError)
+    assert str(caught.value).startswith("reload refused, nothing was written:\n  ")
+    assert caught.value.file == str(path) and not caught.value.written_layers
+
+
+def header_file(path, header: bytes, data: bytes = b""):
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize("header, why", [
+    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),                      # nested past the recursion limit
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}\xff', "not JSON"),
+    (b'{"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype"),
+    (b'{"w": {"dtype": "F32", "shape": [true, 2], "data_offsets": [0, 8]}}', "malformed shape"),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}', "malformed shape"),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}}', "malformed shape"),
+    (b'{"w": {"dtype": "F32", "shape": [1000000000000, 1000000000000], "data_offsets": [0, 8]}}',
+     "larger than any tensor"),
+    (b'{"w": {"dtype": "F32", "shape": [1000000000000], "data_offsets": [0, 8]}}', "do not hold"),
+    (b'{"w": {"dtype": "F32", "shape": [0, 4611686018427387904, 4], "data_offsets": [0, 0]}}',
+     "larger than any tensor"),
+    (b'{"w": [1, 2]}', "needs dtype, shape and data_offsets"),
+    (b'"just a string"', "not a JSON object"),
+])
+def test_lying_headers_are_refused_by_name(tmp_path, header, why):
+    model = nn.Module()
+    model.w = nn.Parameter(torch.zeros(2))
+    path = tmp_path / "bad.safetensors"
+    header_file(path, header, b"\0" * 8)
+    with pytest.raises(SafetensorsError, match=why) as caught:
+        reload_layerwise(model, path)
+    assert caught.value.file == str(path)
+    assert torch.equal(model.w, torch.zeros(2))
+
+
+def write_index(folder, content: bytes):
+    (folder / "model.safetensors.index.json").write_bytes(content)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b'{"weight_map": {"w": "sub"}}', "not a regular file"),             # names a directory
+    (b'{"weight_map": {"w": "a.safetensors"}}\xff\xfe', "not UTF-8 JSON"),
+    ('{"weight_map": {"w": "\u00e9.safetensors"}}'.encode("latin-1"), "not UTF-8 JSON"),
+    (b'{"weight_map": ["a.safetensors"]}', "weight_map"),
+    (b'{"weight_map": {"w": 3}}', "weight_map"),
+    (b'["weight_map"]', "weight_map"),
+    (b"{" * 100_000, "not UTF-8 JSON"),
+    (b'{"weight_map": {"w": "../elsewhere/a.safetensors"}}', "outside its directory"),
+    (b'{"weight_map": {"w": "/etc/a.safetensors"}}', "outside its directory"),
+    (b'{"weight_map": {"w": "sub/../../a.safetensors"}}', "outside its directory"),
+    (b'{"weight_map": {"w": ""}}', "outside its directory"),
+    (b'{"weight_map": {"w": "a\\u0000.safetensors"}}', "outside its directory"),
+])
+def test_bad_indexes_are_refused_by_name(tmp_path, content, why):
+    model = Net()
+    state = checkpoint(model)
+    save_file(state, tmp_path / "a.safetensors")
+    (tmp_path / "sub").mkdir()
+    (tmp_path.parent / "elsewhere").mkdir(exist_ok=True)
+    save_file(state, tmp_path.parent / "elsewhere" / "a.safetensors")
+    write_index(tmp_path, content)
+    before = snapshot(model)
+    with pytest.raises(SafetensorsError, match=why) as caught:
+        reload_layerwise(model, tmp_path)
+    named = "sub" if why == "not a regular file" else "model.safetensors.index.json"
+    assert caught.value.file == str(tmp_path / named)
+    assert_untouched(model, before)
+
+
+def test_shards_in_subfolders_of_the_checkpoint_are_read(tmp_path):
+    model = Net()
+    state = checkpoint(model)
+    (tmp_path / "shards").mkdir()
+    save_file(state, tmp_path / "shards" / "a.safetensors")
+    write_index(tmp_path, json.dumps({"weight_map": {k: "shards/./a.safetensors" for k in state}}).encode())
+    reload_layerwise(model, tmp_path)
+    assert_loaded(model, state)
+
+
+def test_paths_that_are_no_files_are_refused_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")  # opening it for reading must not wait for a writer
+    with pytest.raises(SafetensorsError, match="not a regular file"):
+        reload_layerwise(Net(), tmp_path / "pipe.safetensors")
+    os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(SafetensorsError, match="not a regular file"):
+        reload_layerwise(Net(), tmp_path / "pipe.json")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(SafetensorsError, match="no .safetensors files"):
+        reload_layerwise(Net(), tmp_path / "dir.safetensors")
+    with pytest.raises(SafetensorsError, match="no such file"):
+        reload_layerwise(Net(), str(tmp_path / "nul\0.safetensors"))
+    (tmp_path / "locked.safetensors").write_bytes(b"\0" * 16)
+    os.chmod(tmp_path / "locked.safetensors", 0)
+    if os.geteuid() != 0:  # root reads it anyway
+        with pytest.raises(SafetensorsError, match="cannot be opened"):
+            reload_layerwise(Net(), tmp_path / "locked.safetensors")

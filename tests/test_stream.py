@@ -188,10 +188,18 @@ def test_tied_names_in_a_stream():
 
 def test_items_must_be_name_tensor_pairs():
     model = Net()
-    with pytest.raises(TypeError, match="pairs"):
+    with pytest.raises(ReloadError, match="nothing was written:\n  a stream yields \\(name, tensor\\) pairs, got Tensor"):
         reload_layerwise(model, [torch.ones(3)])
-    with pytest.raises(TypeError, match="embed.weight"):
+    with pytest.raises(ReloadError, match="'embed.weight': the stream gave a list, not a tensor"):
         reload_layerwise(model, [("embed.weight", [1.0])])
+    with pytest.raises(ReloadError, match="a stream's names are strings, got int 3"):
+        reload_layerwise(model, [(3, torch.ones(3))])
+    with pytest.raises(ReloadError, match="a stream's names are strings, got list"):
+        reload_layerwise(model, [(["embed.weight"], torch.ones(3))])
+    first = ("embed.weight", model.embed.weight.detach().clone())
+    for name in (3, ["blocks.0.weight"], None):  # after a first name, on the common path
+        with pytest.raises(ReloadError, match="a stream's names are strings"):
+            reload_layerwise(model, [first, (name, torch.ones(3))])
 
 
 def _rss_bytes() -> int:

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 
 import torch
 
-import fastreload
 from fastreload.sync import Receiver, Sender, connect
 
 import presets

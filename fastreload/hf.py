@@ -28,7 +28,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn

@@ -152,11 +152,11 @@ def describe(weights: Mapping, wire_dtype: torch.dtype | None) -> list[tuple[str
                                      f"got {type(value).__name__}") from None
         if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values():
             raise ReloadError(reason=f"{name!r}: dtype {dtype} cannot travel")
-        described.append((name, wire_dtype_of(dtype, wire_dtype), shape, _memory_key(value)))
+        described.append((name, wire_dtype_of(dtype, wire_dtype), shape, memory_key(value)))
     return described
 
 
-def _memory_key(value) -> object:
+def memory_key(value) -> object:
     if type(value) is not torch.Tensor and not isinstance(value, torch.nn.Parameter):
         return None  # DTensors and other subclasses: their local bytes say nothing
     if value.is_meta or value.numel() == 0:

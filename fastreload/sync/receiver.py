@@ -279,7 +279,7 @@ class Receiver:
 
 
 _FIELDS = ("missing", "unexpected", "mismatched", "uninitialized", "conflicts", "overlapping", "duplicates",
-           "processed", "regions", "reason")
+           "processed", "regions", "reason", "file")
 
 
 def _fields(error: ReloadError) -> dict:

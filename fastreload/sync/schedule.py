@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from fastreload import ops
-from fastreload.errors import ReloadError
 from fastreload.reload import Checked, check_mapping
 from fastreload.sync.manifest import Manifest
 from fastreload.sync.protocol import BUCKET_HEADER_BYTES as HEAD
@@ -239,8 +238,3 @@ def _whole(builder: _Builder, v: torch.Tensor) -> tuple[int, torch.Tensor, bool]
         return (offset + nbytes - 1) // B, staged.as_strided(v.shape, v.stride(), (start - offset) // v.element_size()), False
     return builder.source(v)
 
-
-def refuse_if_unset(schedule: Schedule | None) -> Schedule:
-    if schedule is None:
-        raise ReloadError(reason="the sender reused a manifest this receiver never accepted: reconnect")
-    return schedule

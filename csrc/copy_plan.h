@@ -83,6 +83,29 @@ inline std::vector<CopyChunk> plan_chunks(const CopyDesc* descs, int64_t count,
   return chunks;
 }
 
+// The pairs with every run of pairs that continue one another on both sides (the
+// gate and up projections of one expert, which a checkpoint stores back to back
+// and a model with fused experts holds back to back) joined into one pair: fewer,
+// longer streams to copy.
+inline std::vector<CopyDesc> joined_pairs(const CopyDesc* descs, int64_t count) {
+  std::vector<CopyDesc> joined;
+  joined.reserve(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) {
+    const CopyDesc& d = descs[i];
+    if (!joined.empty()) {
+      CopyDesc& last = joined.back();
+      if (last.src_kind == d.src_kind && last.dst_kind == d.dst_kind &&
+          last.src + last.numel * elem_size(last.src_kind) == d.src &&
+          last.dst + last.numel * elem_size(last.dst_kind) == d.dst) {
+        last.numel += d.numel;
+        continue;
+      }
+    }
+    joined.push_back(d);
+  }
+  return joined;
+}
+
 namespace detail {
 
 template <int W> struct Word;
@@ -92,46 +115,78 @@ template <> struct Word<4> { uint32_t v; };
 template <> struct Word<8> { uint64_t v; };
 template <> struct alignas(16) Word<16> { uint64_t lo, hi; };
 
-// Copies n bytes using W-byte words for the part where dst is W-aligned; the
-// caller guarantees src and dst agree modulo W. `stream` asks a host thread for
-// non-temporal stores: a batch larger than the caches then costs no reads of the
-// destination lines it overwrites.
+// Copies n bytes using W-byte words for the part where dst is W-aligned, shared
+// between lanes; the caller guarantees src and dst agree modulo W.
 template <int W>
 C10_HOST_DEVICE inline void copy_words(char* dst, const char* src, int64_t n,
-                                       int64_t lane, int64_t lanes, bool stream) {
+                                       int64_t lane, int64_t lanes) {
   int64_t head = static_cast<int64_t>((W - reinterpret_cast<uintptr_t>(dst) % W) % W);
   if (head > n) head = n;
   for (int64_t i = lane; i < head; i += lanes) dst[i] = src[i];
-  int64_t words = (n - head) / W;
+  const int64_t words = (n - head) / W;
   const int64_t tail = head + words * W;
   auto* dw = reinterpret_cast<Word<W>*>(dst + head);
   const auto* sw = reinterpret_cast<const Word<W>*>(src + head);
-#ifdef FASTRELOAD_STREAM_STORES
-  if (W == 16 && stream && lanes == 1) {
-    auto* dv = reinterpret_cast<__m128i*>(dw);
-    const auto* sv = reinterpret_cast<const __m128i*>(sw);
-    for (int64_t i = 0; i < words; ++i) _mm_stream_si128(dv + i, _mm_load_si128(sv + i));
-    words = 0;
-  }
-#endif
   for (int64_t i = lane; i < words; i += lanes) dw[i] = sw[i];
   for (int64_t i = tail + lane; i < n; i += lanes) dst[i] = src[i];
 }
 
-// The widest word in which src and dst are mutually aligned decides the body.
+#if !defined(__CUDA_ARCH__)
+// A host thread copying alone. `stream` asks for non-temporal stores: a batch
+// larger than the caches then costs no reads of the destination lines it
+// overwrites. Checkpoint files place tensors at any 8-byte offset
+// (safetensors pads only its header), so half of them sit 8 bytes off the
+// destination's 16-byte alignment: reads are unaligned here and only the stores
+// are aligned, which costs modern cores nothing and keeps every pair on the wide
+// path. Without `stream`, memcpy's own choice of instructions is the fastest.
+inline void copy_host(char* dst, const char* src, int64_t n, bool stream) {
+#ifdef FASTRELOAD_STREAM_STORES
+  constexpr int64_t kLine = 64;
+  if (stream && n >= 2 * kLine) {
+    const int64_t head = static_cast<int64_t>((kLine - reinterpret_cast<uintptr_t>(dst) % kLine) % kLine);
+    std::memcpy(dst, src, static_cast<size_t>(head));
+    const int64_t lines = (n - head) / kLine;
+    auto* d = reinterpret_cast<__m128i*>(dst + head);
+    const auto* s = reinterpret_cast<const __m128i*>(src + head);
+    for (int64_t i = 0; i < lines; ++i, d += 4, s += 4) {
+      const __m128i a = _mm_loadu_si128(s), b = _mm_loadu_si128(s + 1);
+      const __m128i c = _mm_loadu_si128(s + 2), e = _mm_loadu_si128(s + 3);
+      _mm_stream_si128(d, a);
+      _mm_stream_si128(d + 1, b);
+      _mm_stream_si128(d + 2, c);
+      _mm_stream_si128(d + 3, e);
+    }
+    const int64_t done = head + lines * kLine;
+    std::memcpy(dst + done, src + done, static_cast<size_t>(n - done));
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, static_cast<size_t>(n));
+}
+#endif
+
+// The widest word in which src and dst are mutually aligned decides the body of
+// cooperating lanes; a host thread alone takes copy_host.
 C10_HOST_DEVICE inline void copy_bytes(char* dst, const char* src, int64_t n,
                                        int64_t lane, int64_t lanes, bool stream) {
+#if !defined(__CUDA_ARCH__)
+  if (lanes == 1) {
+    copy_host(dst, src, n, stream);
+    return;
+  }
+#endif
   const uintptr_t rel = reinterpret_cast<uintptr_t>(dst) ^ reinterpret_cast<uintptr_t>(src);
   if ((rel & 15) == 0) {
-    copy_words<16>(dst, src, n, lane, lanes, stream);
+    copy_words<16>(dst, src, n, lane, lanes);
   } else if ((rel & 7) == 0) {
-    copy_words<8>(dst, src, n, lane, lanes, stream);
+    copy_words<8>(dst, src, n, lane, lanes);
   } else if ((rel & 3) == 0) {
-    copy_words<4>(dst, src, n, lane, lanes, stream);
+    copy_words<4>(dst, src, n, lane, lanes);
   } else if ((rel & 1) == 0) {
-    copy_words<2>(dst, src, n, lane, lanes, stream);
+    copy_words<2>(dst, src, n, lane, lanes);
   } else {
-    copy_words<1>(dst, src, n, lane, lanes, stream);
+    copy_words<1>(dst, src, n, lane, lanes);
   }
 }
 

@@ -76,26 +76,59 @@ void test_plan_covers_every_element_once() {
   }
 }
 
+void test_joined_pairs() {
+  // Two experts' gate and up projections, stored back to back in a checkpoint and
+  // held back to back by the model, then one whose destination is elsewhere, one
+  // that converts, and one that continues only on the source side.
+  std::vector<char> src(1000), dst(1000);
+  const auto bytes = [&](int64_t s, int64_t d, int64_t n) {
+    return CopyDesc{src.data() + s, dst.data() + d, n, ElemKind::kBytes, ElemKind::kBytes};
+  };
+  const std::vector<CopyDesc> descs = {
+      bytes(0, 0, 100), bytes(100, 100, 100), bytes(200, 200, 50),
+      bytes(250, 500, 50),
+      CopyDesc{src.data() + 300, dst.data() + 550, 10, ElemKind::kF32, ElemKind::kBF16},
+      CopyDesc{src.data() + 340, dst.data() + 570, 10, ElemKind::kF32, ElemKind::kBF16},
+      bytes(380, 900, 20)};
+  const auto joined = fastreload::joined_pairs(descs.data(), static_cast<int64_t>(descs.size()));
+  EXPECT(joined.size() == 4, "4 pairs after joining, got %zu", joined.size());
+  if (joined.size() == 4) {
+    EXPECT(joined[0].src == src.data() && joined[0].numel == 250, "the first three joined");
+    EXPECT(joined[1].dst == dst.data() + 500 && joined[1].numel == 50, "a jump on the destination side");
+    EXPECT(joined[2].src_kind == ElemKind::kF32 && joined[2].numel == 20,
+           "converting pairs joined in elements");
+    EXPECT(joined[3].dst == dst.data() + 900, "a jump on the destination side after a conversion");
+  }
+  EXPECT(fastreload::joined_pairs(descs.data(), 0).empty(), "no pairs, none joined");
+}
+
 void test_byte_copies_every_alignment() {
-  std::vector<char> src(256), dst(256);
+  // The host path aligns its stores to cache lines (64 bytes) and reads at any
+  // offset: every destination offset within a line, against every source offset
+  // within 16 bytes, whole and in 48-byte chunks.
+  constexpr int64_t kSize = 1024;
+  std::vector<char> src(kSize), dst(kSize);
   std::iota(src.begin(), src.end(), 1);
   for (int src_offset = 0; src_offset < 16; ++src_offset) {
-    for (int dst_offset = 0; dst_offset < 16; ++dst_offset) {
-      for (int64_t n : {0, 1, 3, 15, 16, 17, 31, 64, 100, 200}) {
-        for (const auto [lanes, stream] : {std::pair<int64_t, bool>{1, false}, {1, true},
-                                           {4, false}, {32, false}}) {
-          std::fill(dst.begin(), dst.end(), 0);
-          // Aligned bases (vector storage is 16-aligned on every supported libstdc++).
-          const CopyDesc d{src.data() + src_offset, dst.data() + dst_offset, n,
-                           ElemKind::kBytes, ElemKind::kBytes};
-          for (const auto& c : fastreload::plan_chunks(&d, 1, 48)) run_chunk(d, c, lanes, stream);
-          const bool same = std::memcmp(dst.data() + dst_offset, src.data() + src_offset, n) == 0;
-          bool untouched = true;
-          for (int64_t i = 0; i < 256; ++i) {
-            if (i < dst_offset || i >= dst_offset + n) untouched = untouched && dst[i] == 0;
+    for (int dst_offset = 0; dst_offset < 64; ++dst_offset) {
+      for (int64_t n : {0, 1, 3, 15, 16, 17, 31, 64, 100, 127, 128, 129, 200, 300, 700}) {
+        for (const int64_t budget : {int64_t{48}, kSize}) {
+          for (const auto [lanes, stream] : {std::pair<int64_t, bool>{1, false}, {1, true},
+                                             {4, false}, {32, false}}) {
+            std::fill(dst.begin(), dst.end(), 0);
+            // Aligned bases (vector storage is 16-aligned on every supported libstdc++).
+            const CopyDesc d{src.data() + src_offset, dst.data() + dst_offset, n,
+                             ElemKind::kBytes, ElemKind::kBytes};
+            for (const auto& c : fastreload::plan_chunks(&d, 1, budget)) run_chunk(d, c, lanes, stream);
+            const bool same = std::memcmp(dst.data() + dst_offset, src.data() + src_offset, n) == 0;
+            bool untouched = true;
+            for (int64_t i = 0; i < kSize; ++i) {
+              if (i < dst_offset || i >= dst_offset + n) untouched = untouched && dst[i] == 0;
+            }
+            EXPECT(same && untouched,
+                   "exact copy (src+%d, dst+%d, %ld bytes, chunks of %ld, %ld lanes, stream %d)",
+                   src_offset, dst_offset, (long)n, (long)budget, (long)lanes, stream);
           }
-          EXPECT(same && untouched, "exact copy (src+%d, dst+%d, %ld bytes, %ld lanes, stream %d)",
-                 src_offset, dst_offset, (long)n, (long)lanes, stream);
         }
       }
     }
@@ -324,6 +357,7 @@ void test_table_set_parts() {
 int main() {
   const std::vector<std::pair<const char*, std::function<void()>>> tests = {
       {"plan covers every element once", test_plan_covers_every_element_once},
+      {"pairs that continue one another joined", test_joined_pairs},
       {"byte copies at every alignment", test_byte_copies_every_alignment},
       {"conversions match ATen", test_conversions_match_aten},
       {"batches with device lanes", test_batches_with_device_lanes},

@@ -7,16 +7,10 @@
 
 #include <unordered_set>
 
+#include "storage_ptr.h"
+
 namespace fastreload {
 namespace {
-
-// 0 for tensors with no bytes behind them (meta, zero-byte storage): those never alias.
-int64_t storage_ptr(const at::Tensor& t) {
-  if (!t.defined() || !t.has_storage()) return 0;
-  const c10::Storage& storage = t.storage();
-  if (storage.nbytes() == 0) return 0;
-  return reinterpret_cast<int64_t>(storage.data());
-}
 
 at::Tensor storage_ptrs(at::TensorList tensors) {
   at::Tensor out = at::empty({static_cast<int64_t>(tensors.size())}, at::kLong);

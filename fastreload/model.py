@@ -68,6 +68,7 @@ class Layout:
     # batched_copy_ refuses: reload_layerwise then rebuilds the layout.
     watched: tuple[torch.Tensor, ...]
     watched_ptrs: torch.Tensor
+    watch: ops.StorageWatch = field(compare=False, repr=False)
     lazy: tuple[torch.Tensor, ...]
     # Raised by a registration on any module of the model since its walk began.
     changes: Changes
@@ -82,7 +83,7 @@ class Layout:
         """Whether the model still holds what this layout was made from."""
         return (not self.changes.seen
                 and all(is_uninitialized(t) for t in self.lazy)
-                and torch.equal(ops.storage_ptrs(self.watched), self.watched_ptrs))
+                and self.watch.unchanged())
 
 
 def is_uninitialized(t: torch.Tensor) -> bool:
@@ -248,6 +249,7 @@ def build_layout(model: nn.Module) -> Layout:
         uninitialized=frozenset(e.name for e in uninitialized if e.persistent),
         watched=watched,
         watched_ptrs=ops.storage_ptrs(watched),
+        watch=ops.StorageWatch(watched),
         lazy=tuple(e.tensor for e in uninitialized),
         changes=changes,
     )

@@ -104,6 +104,23 @@ class BoundCopy:
         return len(self._bound)
 
 
+class StorageWatch:
+    """Whether tensors still live in the storage they lived in when it was made
+    (csrc/python/storage_watch.cpp), asked without passing them through torch.ops:
+
+        watch = StorageWatch(model_tensors)
+        watch.unchanged()  # False once one of them was given other storage (p.data = ...)"""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._watch = _C.StorageWatch(list(tensors))
+
+    def unchanged(self) -> bool:
+        return self._watch.unchanged()
+
+    def __len__(self) -> int:
+        return len(self._watch)
+
+
 class ValuesInOrder:
     """A dict's values read by position while it keeps the same key objects in the
     same order (csrc/python/values_in_order.cpp):

@@ -103,8 +103,8 @@ class Work:
     """The pairs of one reload, names checked, and what was left out of them."""
 
     plan: Plan
-    dsts: list[torch.Tensor]
-    srcs: list[torch.Tensor]
+    dsts: list[torch.Tensor] | tuple[torch.Tensor, ...]
+    srcs: list[torch.Tensor] | tuple[torch.Tensor, ...]
     names: list[str] | tuple[str, ...]  # leading name of each pair
     # Pairs to copy batch by batch; None: every target, copied by plan.bound.
     batches: tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...] | None

@@ -35,12 +35,11 @@ class RenamedPlan:
     # (pair position, Target, its destination region), remade at each reload.
     adapted: tuple[tuple[int, Target, torch.Tensor], ...]
     bound: ops.BoundCopy
-    bases: tuple[torch.Tensor, ...]  # the model tensors the views view
-    base_ptrs: torch.Tensor
+    bases: ops.StorageWatch  # the model tensors the views view
     regions: int
 
     def current(self) -> bool:
-        return torch.equal(ops.storage_ptrs(self.bases), self.base_ptrs)
+        return self.bases.unchanged()
 
 
 def _key(batch_bytes: int):
@@ -53,14 +52,15 @@ def remember(plan: Plan, source, work: Work, batch_bytes: int) -> None:
     layout = plan.layout
     if work.missing or work.unexpected or not hasattr(source, "rename"):
         return
-    per_target: dict[int, list[tuple[torch.Tensor, str, str, Target | None, torch.Tensor]]] = {}
+    # per model tensor: [(its view, source name, label, Target to adapt by or None, model tensor, source tensor)]
+    per_target: dict[int, list[tuple]] = {}
     for new, name in source.originals():
         index = layout.target_index.get(new)
         if index is None:
             continue  # an ignored name
         if index in per_target:
             return  # tied names both given: each reload compares them
-        per_target[index] = [(plan.dsts[index], name, new, None, None)]
+        per_target[index] = [(plan.dsts[index], name, new, None, None, source.original(name))]
     for target, name in source.regions:
         index = layout.target_index.get(target.name)
         if index is None:
@@ -68,23 +68,30 @@ def remember(plan: Plan, source, work: Work, batch_bytes: int) -> None:
         tensor = source.original(name)
         dv, sv, _, label = region_views(target, plan.dsts[index], tensor)
         adapt = None if sv is tensor else target
-        per_target.setdefault(index, []).append((dv, name, label, adapt, plan.dsts[index]))
+        per_target.setdefault(index, []).append((dv, name, label, adapt, plan.dsts[index], tensor))
     if len(per_target) != len(plan.dsts):
         return
     names, labels, dsts, adapted, stops = [], [], [], [], []
     for start, stop in plan.batches:
-        for index in range(start, stop):
-            for dv, name, label, adapt, base in per_target[index]:
-                if adapt is not None:
-                    adapted.append((len(dsts), adapt, base))
-                names.append(name)
-                labels.append(label)
-                dsts.append(dv)
+        pairs = [pair for index in range(start, stop) for pair in per_target[index]]
+        # A checkpoint holds its tensors in name order (experts 0, 1, 10, 100, ...): a
+        # batch copied in the order of its sources' addresses reads each file forward
+        # (and the fused copy joins the pairs that continue one another on both sides).
+        pairs.sort(key=lambda pair: _address(pair[5]))
+        for dv, name, label, adapt, base, _ in pairs:
+            if adapt is not None:
+                adapted.append((len(dsts), adapt, base))
+            names.append(name)
+            labels.append(label)
+            dsts.append(dv)
         stops.append(len(dsts))
-    bases = plan.dsts
     layout.plans[_key(batch_bytes)] = RenamedPlan(
         plan, source.rename, tuple(names), Fetcher(tuple(names)), tuple(labels), tuple(dsts),
-        tuple(adapted), ops.BoundCopy(dsts, stops or [0]), bases, ops.storage_ptrs(bases), work.regions)
+        tuple(adapted), ops.BoundCopy(dsts, stops or [0]), ops.StorageWatch(plan.dsts), work.regions)
+
+
+def _address(value) -> int:
+    return value.data_ptr() if isinstance(value, torch.Tensor) and value.device.type == "cpu" else 0
 
 
 def cached_work(plan: Plan, source, batch_bytes: int, on_written) -> Work | None:
@@ -116,5 +123,5 @@ def cached_work(plan: Plan, source, batch_bytes: int, on_written) -> Work | None
         return None
     if problems is not None:
         raise ReloadError(mismatched=pair_problems(list(cached.dsts), list(srcs), cached.labels, problems))
-    return Work(plan, list(cached.dsts), list(srcs), cached.labels, None, len(plan.dsts), plan.total_bytes,
+    return Work(plan, cached.dsts, srcs, cached.labels, None, len(plan.dsts), plan.total_bytes,
                 len(plan.layout.units), regions=cached.regions)

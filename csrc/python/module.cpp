@@ -1,7 +1,7 @@
 // fastreload._C: importing it loads the operator library (the registrations in
 // ops.cpp, cpu/ and cuda/ run), and it holds what a call through torch.ops cannot
-// do fast enough: BoundCopy here, CheckpointTensors and ValuesInOrder beside it;
-// and MappedFile, a mapped safetensors file that cannot crash the process.
+// do fast enough: BoundCopy here, CheckpointTensors, ValuesInOrder and StorageWatch
+// beside it; and MappedFile, a mapped safetensors file that cannot crash the process.
 //
 // A reload of a large MoE copies tens of thousands of pairs into the same model
 // tensors every time. Through batched_copy_, each call passes two Python lists
@@ -212,6 +212,7 @@ class BoundCopy {
 void bind_checkpoint_tensors(pybind11::module& m);  // checkpoint_tensors.cpp
 void bind_values_in_order(pybind11::module& m);     // values_in_order.cpp
 void bind_mapped_file(pybind11::module& m);         // mapped_file.cpp
+void bind_storage_watch(pybind11::module& m);       // storage_watch.cpp
 
 }  // namespace fastreload
 
@@ -225,4 +226,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastreload::bind_checkpoint_tensors(m);
   fastreload::bind_values_in_order(m);
   fastreload::bind_mapped_file(m);
+  fastreload::bind_storage_watch(m);
 }

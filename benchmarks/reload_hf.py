@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--pairs", type=int, default=25,
+                   help="Hub-format and own-format reloads timed side by side for the 10%% target")
     p.add_argument("--shard-mib", type=int, default=200, help="size of each safetensors shard")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
@@ -125,6 +127,13 @@ def run(arch, a, folder: str) -> dict:
                FROM_PRETRAINED: from_pretrained}
     time_call = timer(_Cpu(), cuda_events=False)
     samples, _ = run_interleaved(methods, time_call, warmup=a.warmup, repeats=a.repeats)
+    # The Hub-format target compares two reloads of about 50 ms on a machine whose
+    # memory speed drifts by more than the 10% asked: they are timed again, many
+    # times, each Hub-format reload beside an own-format one, and the target is the
+    # median of the ratios of these pairs.
+    paired, _ = run_interleaved({HUB: methods[HUB], OWN: methods[OWN]}, time_call, warmup=1,
+                                repeats=a.pairs)
+    ratios = [hub_s / own_s for hub_s, own_s in zip(paired[HUB], paired[OWN])]
 
     fastreload.reload_layerwise(model, hub)
     got = model.state_dict()
@@ -145,16 +154,17 @@ def run(arch, a, folder: str) -> dict:
     rows = [(n, f"{medians[n] * 1e3:.1f}", f"{nbytes / medians[n] / 1e9:.2f}",
              f"{medians[n] / medians[OWN]:.2f}") for n in methods]
     print_columns(("method", "median ms", "GB/s", "x own-format"), rows)
-    within = medians[HUB] / medians[OWN] - 1
+    within = statistics.median(ratios) - 1
     speedup = medians[FROM_PRETRAINED] / medians[HUB]
     print(f"transformers targets: the Hub-format reload {within * 100:+.1f}% of the own-format reload "
-          f"(within 10%: {'met' if within <= 0.10 else 'NOT met'}); {speedup:.1f}x from_pretrained "
+          f"(median of {len(ratios)} pairs timed side by side; within 10%: "
+          f"{'met' if within <= 0.10 else 'NOT met'}); {speedup:.1f}x from_pretrained "
           f"(>= 10x: {'met' if speedup >= 10 else 'NOT met'})")
     print("verified: the reloaded model equals from_pretrained of the same shards, bit for bit")
     record = {"scale": a.scale, "layers": arch.layers, "experts": arch.experts, "bytes": nbytes,
               "model_tensors": len(state), "regions": report.regions, "first_s": first_s,
               "own_format_tensors": own_report.tensors, "samples": samples, "medians": medians,
-              "hub_vs_own": within, "speedup_vs_from_pretrained": speedup,
+              "hub_vs_own": within, "paired_samples": paired, "speedup_vs_from_pretrained": speedup,
               "transformers": transformers.__version__}
     if a.json:
         with open(a.json, "w") as f:

@@ -123,8 +123,9 @@ def test_transformers_row_runs_and_verifies(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "hf.json"
     reload_moe.main(["--transformers", "--scale", "0.0078125", "--layers", "2", "--repeats", "1",
-                     "--warmup", "0", "--json", str(out)])
+                     "--warmup", "0", "--pairs", "2", "--json", str(out)])
     record = json.loads(out.read_text())
     assert record["regions"] == 2 * 128 * 3
     assert set(record["medians"]) == {"fastreload (Hub-format shards)", "fastreload (own-format shards)",
                                       "from_pretrained (Hub-format shards)"}
+    assert [len(s) for s in record["paired_samples"].values()] == [2, 2]

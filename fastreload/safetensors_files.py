@@ -176,6 +176,18 @@ def _entries_of(file: _MappedFile, index: int) -> dict[str, _Entry]:
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
             raise SafetensorsError(f"{file.path}: tensors {first!r} and {second!r} overlap", file=file.path)
+    # As the format (and its reference reader) has it, the tensors fill the data
+    # buffer, back to back: a gap means offsets or the header length are wrong, and
+    # every tensor would be read from the wrong bytes.
+    covered = 0
+    for begin, end, _ in spans:
+        if begin != covered:
+            break
+        covered = end
+    if covered != data_size:
+        raise SafetensorsError(f"{file.path}: the tensors do not fill the {data_size}-byte data buffer "
+                               f"(bytes from {covered} belong to none): its header length or data "
+                               "offsets are wrong", file=file.path)
     return entries
 
 

@@ -103,16 +103,37 @@ def test_tied_weights_deduplicated_by_the_writer(tmp_path):
 
 
 def test_tensors_at_unaligned_offsets(tmp_path):
-    # A hand-written file whose float32 data starts at an odd byte offset.
+    # A hand-written file whose float32 data starts at an odd byte offset, after a byte.
     values = torch.arange(24, dtype=torch.float32).reshape(3, 8)
-    header = {"w": {"dtype": "F32", "shape": [3, 8], "data_offsets": [1, 97]}}
+    header = {"flag": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "w": {"dtype": "F32", "shape": [3, 8], "data_offsets": [1, 97]}}
     raw = json.dumps(header).encode()
     path = tmp_path / "odd.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" + values.numpy().tobytes())
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\7" + values.numpy().tobytes())
     model = nn.Module()
     model.w = nn.Parameter(torch.zeros(3, 8, dtype=torch.bfloat16))
+    model.register_buffer("flag", torch.zeros(1, dtype=torch.uint8))
     reload_layerwise(model, path)
-    assert torch.equal(model.w, values.bfloat16())
+    assert torch.equal(model.w, values.bfloat16()) and int(model.flag) == 7
+
+
+def test_data_the_tensors_do_not_fill_refused(tmp_path):
+    """A header length that stops short of the header's padding parses as the same
+    header, with every tensor then 5 bytes off: the bytes between the header and the
+    first tensor, or after the last, belong to none, and the file is refused."""
+    save_file({"w": torch.randn(3, 8)}, tmp_path / "m.safetensors")
+    data = bytearray((tmp_path / "m.safetensors").read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    raw = bytes(data[8:8 + length]).rstrip(b" ")
+    short = struct.pack("<Q", len(raw)) + raw + b" " * (length - len(raw)) + bytes(data[8 + length:])
+    gap = short[:8] + raw + bytes(data[8 + length:]) + b"\0"
+    model = nn.Module()
+    model.w = nn.Parameter(torch.zeros(3, 8))
+    for content in ([short] if len(raw) < length else []) + [gap]:
+        (tmp_path / "m.safetensors").write_bytes(content)
+        with pytest.raises(SafetensorsError, match="do not fill"):
+            reload_layerwise(model, tmp_path / "m.safetensors")
+        assert not model.w.any()
 
 
 def test_views_read_the_mapped_file_without_copying(tmp_path):

@@ -6,12 +6,12 @@ transformers describes every such difference in its conversion mapping
 stack, concatenate, split, chunk, transpose or permute checkpoint tensors. Here they
 become Targets, without re-implementing any operation: the model's checkpoint names
 and shapes come from transformers' own reverse conversion (what ``save_pretrained``
-writes), run on meta tensors; then transformers' loading conversion runs once on
-integer probe tensors of those shapes, each element holding its own position,
-and each model tensor tells which checkpoint element landed where. What lands as a
-view (an index, a narrow, a view, a permutation) becomes a Target, checked element
-by element against the probe; an operation whose result is not such a view (a
-dequantization, any arithmetic) is refused, naming it.
+writes), run on meta tensors; then transformers' loading conversion runs once per
+group shape (a converter's tensors of one layer), traced on meta tensors or run on
+integer probes (fastreload/converted_regions.py), and each model tensor tells which
+checkpoint element landed where. What lands as a view (an index, a narrow, a view,
+a permutation) becomes a Target, checked element by element; an operation whose
+result is not such a view (a dequantization, any arithmetic) is refused, naming it.
 
     rename = fastreload.hf.hub_rename(model)   # or let reload_layerwise detect it
     fastreload.reload_layerwise(model, "checkpoint/")
@@ -22,29 +22,19 @@ it is imported only here, and only for a transformers model.
 
 from __future__ import annotations
 
-import itertools
-import math
 import sys
 import weakref
 from collections.abc import Callable
-from copy import deepcopy
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from fastreload.converted_regions import group_regions
 from fastreload.errors import ReloadError
-from fastreload.regions import RegionProblem, Target, region_views
+from fastreload.regions import Target
 
 __all__ = ["HubRename", "hub_rename", "is_transformers_model"]
-
-# Probes are made one group (a converter's tensors of one layer) at a time, and only
-# once per group shape, as int32 positions: a group must have fewer elements than
-# int32 counts. Qwen3-30B-A3B's experts of one layer are 4e8 elements (a probe, its
-# conversion and their inverse: about 5 GiB at the first reload); larger groups
-# (DeepSeek-V3's 256 experts at full size, 7.5e9) are refused, naming the group.
-_PROBE_ELEMENTS_MAX = 2**31 - 1
-
 
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether model is a transformers PreTrainedModel (without importing transformers)."""
@@ -203,7 +193,8 @@ def _derive(model: nn.Module, model_type: str, shapes: dict[str, tuple]) -> dict
         template = templates.get(signature)
         names = None if template is None else _outputs_of(template, first, meta)
         if names is None:
-            found, names, _ = probed = _probe(loading, model, model_type, converter, first, members, shapes, meta)
+            found, names, _ = probed = group_regions(loading, model, model_type, converter, first, members,
+                                                     shapes, meta)
             templates.setdefault(signature, (first, *probed))
         else:
             found = template[1]
@@ -229,188 +220,6 @@ def _outputs_of(template, first: str, meta) -> list[str] | None:
     if any(n not in meta or tuple(meta[n].shape) != shape for n, shape in zip(renamed, shapes)):
         return None
     return renamed
-
-
-def _run(loading, model, converter, first: str, members, make) -> dict[str, torch.Tensor]:
-    converter = deepcopy(converter)
-    for pattern, name in members:
-        converter.add_tensor(first, name, pattern, make(name))
-    with torch.no_grad():
-        out = converter.convert(first, model=model, config=model.config)
-    return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
-
-
-def _operations(converter) -> str:
-    return ", ".join(type(op).__name__ for op in getattr(converter, "operations", ())) or "renaming"
-
-
-def _probe(loading, model, model_type: str, converter, first: str, members, shapes, meta) -> tuple:
-    """(for each member, its [(position of its model tensor among the outputs, its
-    Target)], the outputs' names, their shapes), from one run of the conversion on
-    probe tensors."""
-    sizes = [math.prod(shapes[n][0]) for _, n in members]
-    total = sum(sizes)
-
-    def refuse(why: str) -> ReloadError:
-        return ReloadError(regions={first: (
-            f"the {model_type} checkpoint conversion ({_operations(converter)}) of "
-            f"{members[0][1]!r} and {len(members) - 1} more {why}; load it with from_pretrained, "
-            "or give a rename")})
-
-    if total > _PROBE_ELEMENTS_MAX:
-        raise refuse(f"has {total} elements, too many to derive its regions from")
-    offsets = dict(zip((n for _, n in members), itertools.accumulate([0] + sizes)))
-    probes = {n: torch.arange(offsets[n], offsets[n] + math.prod(shapes[n][0]), dtype=torch.int32)
-              .view(shapes[n][0]) for _, n in members}
-    try:
-        outputs = _run(loading, model, converter, first, members, probes.__getitem__)
-    except Exception as error:  # an operation that cannot run on integers: not a view
-        raise refuse(f"cannot be run on position probes ({type(error).__name__}: {error})") from None
-    names = list(outputs)
-    for name in names:
-        if name not in meta or tuple(outputs[name].shape) != tuple(meta[name].shape):
-            raise refuse(f"gives {name!r} of shape {tuple(outputs[name].shape)}, which the model does not hold")
-    result, covered = [], {name: 0 for name in names}  # per member: [(output position, Target)]
-    # Each output inverted: where each probe value landed in it (-1: not there).
-    ordered = {name: _inverse(outputs[name], total) for name in names}
-    if any(where is None for where in ordered.values()):
-        raise refuse("does not give each model element one checkpoint element (values changed)")
-    for pattern, source in members:
-        found = []
-        for position, name in enumerate(names):
-            target = _target(name, outputs[name], ordered[name], probes[source], offsets[source])
-            if target is not None:
-                found.append((position, target))
-                covered[name] += covered_by(target, outputs[name], probes[source])
-        if not found or sum(covered_by(t, outputs[names[p]], probes[source]) for p, t in found) \
-                != probes[source].numel():
-            raise refuse(f"does not write {source!r} as views of model tensors (values changed, "
-                         "or not a strided view)")
-        result.append(found)
-    for name in names:
-        if covered[name] != outputs[name].numel():
-            raise refuse(f"fills {covered[name]} of the {outputs[name].numel()} elements of {name!r} "
-                         "from the checkpoint's tensors (the others are computed)")
-    return result, names, [tuple(outputs[n].shape) for n in names]
-
-
-def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:
-    coords = []
-    for size in reversed(shape):
-        coords.append(flat % size)
-        flat = flat // size
-    return torch.stack(coords[::-1], 1) if coords else flat.new_zeros(flat.shape[0], 0)
-
-
-def _coordinates(flat: torch.Tensor, shape) -> list[torch.Tensor]:
-    """The index along each dimension of shape of each flat position."""
-    coords = []
-    for size in reversed(shape):
-        coords.append(flat % size)
-        flat = flat // size
-    return coords[::-1]
-
-
-def covered_by(target: Target, out: torch.Tensor, probe: torch.Tensor) -> int:
-    return region_views(target, out, probe)[1].numel()
-
-
-def _inverse(out: torch.Tensor, total: int) -> torch.Tensor | None:
-    """where[v]: the flat position in out of probe value v, -1 where v is not in out;
-    None if out holds a value twice or one that is no probe position."""
-    flat = out.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= total):
-        return None
-    where = torch.full((total,), -1, dtype=torch.int32)
-    where[flat] = torch.arange(flat.numel(), dtype=torch.int32)
-    return where if int((where >= 0).sum()) == flat.numel() else None
-
-
-def _target(name: str, out: torch.Tensor, where: torch.Tensor, probe: torch.Tensor, offset: int) -> Target | None:
-    """The Target that writes the probe's elements where the conversion put them in
-    out, if they landed as a view of out (checked element by element); else None.
-    where: _inverse(out)."""
-    n = probe.numel()
-    positions = where[offset:offset + n]
-    present = positions >= 0
-    if not bool(present.any()):
-        return None
-    values = torch.arange(n, dtype=torch.int32)
-    if not bool(present.all()):
-        values, positions = values[present], positions[present]
-    shape = tuple(probe.shape)
-    low = _unravel(values[:1], shape)[0] if shape else values[:1]
-    high = _unravel(values[-1:], shape)[0] if shape else values[-1:]
-    extent = [int(h - lo) + 1 for lo, h in zip(low.tolist(), high.tolist())]
-    if math.prod(extent) != values.numel():
-        return None
-    partial = [d for d, size in enumerate(shape) if extent[d] != size]
-    if len(partial) > 1:
-        return None
-    source = {} if not partial else {"source_slice": (int(low[partial[0]]), extent[partial[0]]),
-                                     "shard_dim": partial[0]}
-    dshape = tuple(out.shape)
-    coords = _coordinates(positions, dshape)
-    dlow, dhigh = [int(c.min()) for c in coords], [int(c.max()) for c in coords]
-    dextent = [h - lo + 1 for lo, h in zip(dlow, dhigh)]
-    leading = next((d for d, e in enumerate(dextent) if e != 1), len(dshape))
-    for k in range(leading, -1, -1):
-        rest = [d for d in range(k, len(dshape)) if dextent[d] != dshape[d]]
-        if len(rest) > 1:
-            continue
-        region = {} if not rest else {"dim": rest[0] - k, "start": dlow[rest[0]], "length": dextent[rest[0]]}
-        base = Target(name, index=tuple(dlow[:k]), **region, **source)
-        candidates = [base if p is None else replace(base, permute=p) for p in _orders(len(dshape) - k)]
-        interleaved = _interleaved(base, coords, dlow, dextent, k, len(values))
-        if interleaved is not None:
-            candidates.append(interleaved)
-        for target in candidates:
-            try:
-                dv, sv, _, _ = region_views(target, out, probe)
-            except RegionProblem:
-                continue
-            if torch.equal(dv, sv):
-                return target
-    return None
-
-
-def _interleaved(base: Target, coords, dlow, dextent, k: int, count: int) -> Target | None:
-    """A region whose elements lie in another order than the source's (interleaved
-    rows, heads permuted for RoPE): the region seen as finer dimensions, permuted.
-    The finer dimensions are read off the region-local positions of the source's
-    elements, innermost first; None where they are no reshape of the region."""
-    local = torch.zeros(count, dtype=torch.int64)
-    size = 1
-    for d in range(len(coords) - 1, k - 1, -1):
-        local += (coords[d] - dlow[d]) * size
-        size *= dextent[d]
-    sizes, strides, block = [], [], 1
-    while block < count:
-        firsts = local.view(count // block, block)[:, 0]
-        stride = int(firsts[1] - firsts[0])
-        steps = (firsts[1:] - firsts[:-1]) != stride
-        run = int(steps.nonzero()[0]) + 1 if bool(steps.any()) else firsts.numel()
-        n = next(n for n in range(run, 0, -1) if (count // block) % n == 0)
-        if n == 1 or stride <= 0:
-            return None
-        sizes.insert(0, n)
-        strides.insert(0, stride)
-        block *= n
-    order = sorted(range(len(sizes)), key=lambda j: strides[j])
-    expected = 1
-    for j in order:
-        if strides[j] != expected:
-            return None
-        expected *= sizes[j]
-    view = tuple(sizes[j] for j in reversed(order))  # the region, outermost first
-    permute = tuple(len(sizes) - 1 - order.index(j) for j in range(len(sizes)))
-    return replace(base, view=view, permute=permute)
-
-
-def _orders(dims: int):
-    yield None
-    if dims <= 4:  # transposed layouts; more dimensions are not seen in conversions
-        yield from (p for p in itertools.permutations(range(dims)) if list(p) != list(range(dims)))
 
 
 def detected_rename(model: nn.Module) -> Callable[[str], str | Target] | None:

@@ -296,3 +296,56 @@ def test_tied_embeddings(tmp_path):
         assert_matches(model, expected)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert_same_objects_and_pointers(model, before)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODELS if t != "llama"])
+def test_traced_regions_are_the_probed_regions(model_type, monkeypatch):
+    """The experts' conversions are traced on meta tensors (no memory, any size), and
+    give exactly the Targets that probing with real tensors gives."""
+    from fastreload import converted_regions
+
+    model = build(model_type, seed=0)
+    traced_groups = []
+    traced = converted_regions._traced
+
+    def counting(*args):
+        result = traced(*args)
+        traced_groups.append(args[3])
+        return result
+
+    monkeypatch.setattr(converted_regions, "_traced", counting)
+    targets = dict(hub_rename(model).targets)
+    assert any("experts" in first for first in traced_groups)
+
+    def untraceable(*args):
+        raise converted_regions.Untraceable("probing asked for")
+
+    monkeypatch.setattr(converted_regions, "_traced", untraceable)
+    fastreload.forget(model)
+    assert dict(hub_rename(model).targets) == targets
+
+
+def test_full_size_deepseek_v3_experts_become_regions_without_memory():
+    """DeepSeek-V3 at its real size (256 experts of 7168 x 2048 per projection: 1.1e10
+    checkpoint elements per layer, far beyond any probe), built on the meta device:
+    every expert tensor has its region, derived without allocating it."""
+    import resource
+
+    config = transformers.DeepseekV3Config(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, n_group=8, topk_group=4, num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    with torch.device("meta"):
+        model = transformers.DeepseekV3ForCausalLM(config)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rename = hub_rename(model)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    experts = "model.layers.2.mlp.experts"
+    assert rename(f"{experts}.255.up_proj.weight") == Target(
+        f"{experts}.gate_up_proj", index=(255,), dim=0, start=2048, length=2048)
+    assert rename(f"{experts}.7.gate_proj.weight") == Target(
+        f"{experts}.gate_up_proj", index=(7,), dim=0, start=0, length=2048)
+    assert rename(f"{experts}.0.down_proj.weight") == Target(f"{experts}.down_proj", index=(0,))
+    assert sum(1 for name in rename.names if ".experts." in name) == 2 * 256 * 3
+    assert grown_mib < 1024, f"deriving the regions grew the process by {grown_mib:.0f} MiB"

@@ -14,7 +14,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 # The optional extra the tests of fastreload.hf need (they skip without it).
-TRANSFORMERS ?= transformers==5.23.0
+TRANSFORMERS ?= transformers==5.24.0
 PY := $(VENV)/bin/python
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)

@@ -18,7 +18,8 @@ except ImportError as error:
         "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
-    "BoundCopy", "CheckpointTensors", "MappedFile", "PairProblem", "ReplayableCopy", "ValuesInOrder", "batched_copy_", "batched_copy_check", "batched_copy_table",
+    "BoundCopy", "CheckpointTensors", "MappedFile", "PairProblem", "ReplayableCopy", "StorageWatch", "ValuesInOrder",
+    "batched_copy_", "batched_copy_check", "batched_copy_table",
     "batched_copy_with_table_", "converts", "guard_mapped_files", "storage_alias_mask", "storage_ptrs",
 ]
 
@@ -231,23 +232,30 @@ def _is_real_call(*lists) -> bool:
     return not any(is_fake(t) for tensors in lists for t in tensors)
 
 
+def _has_real_tensors(*lists) -> bool:
+    """A real call with tensors in it. An empty call is answered here: the real
+    kernels write their result through its data pointer, which a fake mode (the one
+    calling) must not be asked for."""
+    return any(len(tensors) for tensors in lists) and _is_real_call(*lists)
+
+
 @torch.library.register_fake("fastreload::storage_ptrs")
 def _(tensors):
-    if _is_real_call(tensors):
+    if _has_real_tensors(tensors):
         return torch.ops.fastreload.storage_ptrs.default.redispatch(_REAL_KERNEL, tensors)
     return torch.empty(len(tensors), dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("fastreload::storage_alias_mask")
 def _(tensors, against):
-    if _is_real_call(tensors, against):
+    if _has_real_tensors(tensors, against):
         return torch.ops.fastreload.storage_alias_mask.default.redispatch(_REAL_KERNEL, tensors, against)
     return torch.empty(len(tensors), dtype=torch.bool, device="cpu")
 
 
 @torch.library.register_fake("fastreload::batched_copy_check")
 def _(dst, src):
-    if _is_real_call(dst, src):
+    if _has_real_tensors(dst, src):
         return torch.ops.fastreload.batched_copy_check.default.redispatch(_REAL_KERNEL, dst, src)
     torch._check(len(dst) == len(src), lambda: f"got {len(dst)} destinations but {len(src)} sources")
     return torch.empty(len(dst), dtype=torch.int8, device="cpu")

@@ -106,11 +106,12 @@ class BoundCopy:
 
 
 class StorageWatch:
-    """Whether tensors still live in the storage they lived in when it was made
-    (csrc/python/storage_watch.cpp), asked without passing them through torch.ops:
+    """Whether tensors are still what they were when it was made: the same storage,
+    seen at the same offset, shape, strides and dtype (csrc/python/storage_watch.cpp),
+    asked without passing them through torch.ops:
 
         watch = StorageWatch(model_tensors)
-        watch.unchanged()  # False once one of them was given other storage (p.data = ...)"""
+        watch.unchanged()  # False once one was given other storage or seen otherwise (p.data = ...)"""
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         self._watch = _C.StorageWatch(list(tensors))

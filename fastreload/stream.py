@@ -42,6 +42,18 @@ class StreamResult:
     regions: int = 0
 
 
+def _region_views(plan: Plan) -> dict:
+    """The destination views of the regions earlier streams gave (each expert of a
+    Hub-format checkpoint), by (target index, Target, source shape), kept with the
+    plan while the model tensors they view are unchanged: a repeated stream makes no
+    view per region."""
+    key = "stream regions"  # one plan's: a layout streamed with another batch size starts again
+    kept = plan.layout.plans.get(key)
+    if kept is None or kept[0] is not plan or not kept[1].unchanged():
+        kept = plan.layout.plans[key] = (plan, ops.StorageWatch(plan.dsts), {})
+    return kept[2]
+
+
 class _Consumer:
     def __init__(self, plan: Plan, strict: bool, batch_bytes: int, max_held_bytes: int | None,
                  rename, detect, on_written, replay: ReplayPlan | None = None, model=None,
@@ -71,6 +83,7 @@ class _Consumer:
         self.unexpected: list[str] = []
         self.hub = hub  # the model's checkpoint-format rename (hf.HubRename), to detect; or None
         self.region_sources: set[str] = set()  # source names given for regions
+        self.region_views = _region_views(plan)
         # Recorded modules: their checkpoint names go to the replay, which writes them.
         self.replay = None if replay is None else Replay(
             replay, model, batch_bytes=replay_batch_bytes or batch_bytes, on_written=on_written, fail=self.fail)
@@ -258,7 +271,14 @@ class _Consumer:
             raise self.fail(regions={name: "given both whole and in regions"})
         pieces = self.pieces.setdefault(index, Pieces(self.layout.targets[index].name, 0))
         try:
-            dv, sv, covered, label = region_views(target, self.plan.dsts[index], tensor)
+            key = (index, target, tensor.shape)
+            seen = self.region_views.get(key)
+            if seen is not None:
+                (dv, covered, label), sv = seen, tensor
+            else:
+                dv, sv, covered, label = region_views(target, self.plan.dsts[index], tensor)
+                if sv is tensor:  # the source whole, as it came: the same view serves the next one
+                    self.region_views[key] = dv, covered, label
             pieces.add(dv, sv, covered, label, tensor, self.plan.dsts[index], target)
         except RegionProblem as problem:
             raise self.fail(regions={f"{name} <- {source_name}": str(problem)}) from None

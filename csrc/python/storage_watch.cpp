@@ -1,8 +1,9 @@
-// StorageWatch: whether tensors still live in the storage they lived in when it
-// was made. Cached plans ask it before every reload (a model tensor given new
-// storage, `p.data = ...`, makes a plan of views of the old one stale), and
+// StorageWatch: whether tensors are still what they were when it was made: the
+// same storage, seen at the same offset with the same shape, strides and dtype.
+// Cached plans ask it before every reload (a model tensor given new storage,
+// `p.data = ...`, or seen differently, makes a plan of views of it stale), and
 // through torch.ops handing it a list of hundreds of tensors would cost about a
-// microsecond each; this holds them and reads each storage's address in place.
+// microsecond each; this holds them and reads each one's metadata in place.
 
 #include <torch/extension.h>
 
@@ -16,13 +17,13 @@ namespace {
 class StorageWatch {
  public:
   explicit StorageWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
-    ptrs_.reserve(tensors_.size());
-    for (const at::Tensor& t : tensors_) ptrs_.push_back(storage_ptr(t));
+    seen_.reserve(tensors_.size());
+    for (const at::Tensor& t : tensors_) seen_.push_back(Seen::of(t));
   }
 
   bool unchanged() const {
     for (size_t i = 0; i < tensors_.size(); ++i) {
-      if (storage_ptr(tensors_[i]) != ptrs_[i]) return false;
+      if (!(Seen::of(tensors_[i]) == seen_[i])) return false;
     }
     return true;
   }
@@ -30,8 +31,25 @@ class StorageWatch {
   size_t size() const { return tensors_.size(); }
 
  private:
+  struct Seen {
+    int64_t storage = 0;
+    int64_t offset = 0;
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    std::vector<int64_t> sizes;
+    std::vector<int64_t> strides;
+
+    static Seen of(const at::Tensor& t) {
+      if (!t.defined()) return {};
+      return {storage_ptr(t), t.storage_offset(), t.scalar_type(), t.sizes().vec(), t.strides().vec()};
+    }
+    bool operator==(const Seen& o) const {
+      return storage == o.storage && offset == o.offset && dtype == o.dtype && sizes == o.sizes &&
+             strides == o.strides;
+    }
+  };
+
   std::vector<at::Tensor> tensors_;
-  std::vector<int64_t> ptrs_;
+  std::vector<Seen> seen_;
 };
 
 }  // namespace

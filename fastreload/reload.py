@@ -42,11 +42,11 @@ DEFAULT_REPLAY_BATCH_BYTES = 16 * 2**20
 
 
 def _copy(model, layout: Layout, source, strict, batch_bytes, replay_batch_bytes,
-          on_written) -> tuple[Layout, Work, Replay | None]:
+          on_written, files=None) -> tuple[Layout, Work, Replay | None]:
     replay = replay_plan(model, layout)
     if replay is None:
         plan = plan_for(layout, batch_bytes)
-        work = cached_work(plan, source, batch_bytes, on_written)
+        work = cached_work(plan, source, batch_bytes, on_written, files)
         if work is not None:
             return layout, work, None
         plan, work = _check_direct(layout, source, strict, batch_bytes)
@@ -331,11 +331,11 @@ def reload_layerwise(
                 try:
                     try:
                         layout, done, session = _copy(model, layout, source, strict, batch_bytes,
-                                                      replay_batch_bytes, on_written)
+                                                      replay_batch_bytes, on_written, files)
                     except StaleLayout:
                         forget(model)
                         layout, done, session = _copy(model, layout_of(model), source, strict, batch_bytes,
-                                                      replay_batch_bytes, on_written)
+                                                      replay_batch_bytes, on_written, files)
                 except ReloadError as error:
                     if files is not None:  # a file cut short may be why: say so first
                         files.check_unchanged(lambda: (error.written_layers, error.unwritten_layers))

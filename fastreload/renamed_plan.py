@@ -11,7 +11,8 @@ names and the model tensors its views were made of still hold their storage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,9 +38,24 @@ class RenamedPlan:
     bound: ops.BoundCopy
     bases: ops.StorageWatch  # the model tensors the views view
     regions: int
+    # The safetensors files read last and the tensors fetched from them: the same
+    # (cached) files object holds the same views for as long as its files are
+    # unchanged, so reading them again needs no lookup per name.
+    last_read: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
 
     def current(self) -> bool:
         return self.bases.unchanged()
+
+    def fetched(self, raw, files) -> tuple:
+        """The source tensors of every pair, from the source mapping raw (the views of
+        `files`, when it is a SafetensorsSource); raises KeyError for a missing name."""
+        read, srcs = self.last_read
+        if files is not None and read is not None and read() is files and raw is files.views():
+            return srcs
+        srcs = self.fetch(raw)
+        if files is not None and raw is files.views():
+            self.last_read[:] = [weakref.ref(files), srcs]
+        return srcs
 
 
 def _key(batch_bytes: int):
@@ -94,9 +110,10 @@ def _address(value) -> int:
     return value.data_ptr() if isinstance(value, torch.Tensor) and value.device.type == "cpu" else 0
 
 
-def cached_work(plan: Plan, source, batch_bytes: int, on_written) -> Work | None:
+def cached_work(plan: Plan, source, batch_bytes: int, on_written, files=None) -> Work | None:
     """Writes a source holding exactly the names of the cached plan of its rename,
-    and returns what was written; None (nothing written) where no such plan applies."""
+    and returns what was written; None (nothing written) where no such plan applies.
+    files: the SafetensorsSource whose views the source is, if it is."""
     rename = getattr(source, "rename", None)
     cached = plan.layout.plans.get(_key(batch_bytes))
     if cached is None or cached.rename is not rename or cached.plan is not plan:
@@ -105,7 +122,7 @@ def cached_work(plan: Plan, source, batch_bytes: int, on_written) -> Work | None
     if len(raw) != len(cached.names) or not cached.current():
         return None
     try:
-        srcs = cached.fetch(raw)
+        srcs = cached.fetched(raw, files)
     except KeyError:
         return None
     if cached.adapted:

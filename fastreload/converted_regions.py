@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from fastreload.errors import ReloadError
-from fastreload.index_trace import Piece, Untraceable, trace
+from fastreload.index_trace import Piece, Untraceable, contiguous_strides, trace
 from fastreload.regions import RegionProblem, Target, region_views
 
 __all__ = ["group_regions"]
@@ -115,14 +115,6 @@ def _traced(loading, model, converter, first: str, members, shapes, meta) -> tup
     return result, names, [outputs[n][0] for n in names]
 
 
-def _contiguous_strides(shape) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.insert(0, step)
-        step *= size
-    return strides
-
-
 def _unravel_int(flat: int, shape) -> list[int]:
     coords = []
     for size in reversed(shape):
@@ -136,7 +128,7 @@ def _piece_target(name: str, dshape: tuple, piece: Piece, shape: tuple) -> Targe
     the way _target finds it from a probe (the same candidates in the same order),
     and checked on the strides of its views; None if no candidate is that piece."""
     dlow, dextent = list(piece.lo), list(piece.extent)
-    mstrides = _contiguous_strides(shape)
+    mstrides = contiguous_strides(shape)
     start, extent, used = _unravel_int(piece.offset, shape), [1] * len(shape), set()
     for d, e in enumerate(dextent):
         if e == 1:
@@ -188,7 +180,7 @@ def _lands_as(target: Target, out: torch.Tensor, member: torch.Tensor, piece: Pi
         return False
     if dv.numel() != piece.numel:
         return False
-    dshape, ostrides = tuple(out.shape), _contiguous_strides(tuple(out.shape))
+    dshape, ostrides = tuple(out.shape), contiguous_strides(tuple(out.shape))
     first = _unravel_int(dv.storage_offset(), dshape)
     last = list(first)
     for r in range(dv.dim()):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Piece", "Untraceable", "trace"]
+__all__ = ["Piece", "Untraceable", "contiguous_strides", "trace"]
 
 aten = torch.ops.aten
 
@@ -54,14 +54,18 @@ class Piece:
         return math.prod(self.extent)
 
 
-def _whole(member: int, shape: Sequence[int]) -> list[Piece]:
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.insert(0, step)
         step *= size
+    return tuple(strides)
+
+
+def _whole(member: int, shape: Sequence[int]) -> list[Piece]:
     if math.prod(shape) == 0:
         return []
-    return [Piece((0,) * len(shape), tuple(shape), member, 0, tuple(strides))]
+    return [Piece((0,) * len(shape), tuple(shape), member, 0, contiguous_strides(shape))]
 
 
 def _sliced(pieces: list[Piece], dim: int, start: int, stop: int) -> list[Piece]:

@@ -18,7 +18,8 @@ except ImportError as error:
         "or `make install`. An undefined symbol means it was built against another torch.") from error
 
 __all__ = [
-    "BoundCopy", "CheckpointTensors", "MappedFile", "PairProblem", "ReplayableCopy", "StorageWatch", "ValuesInOrder",
+    "BoundCopy", "CheckpointTensors", "FrozenTensors", "MappedFile", "PairProblem", "ReplayableCopy", "StorageWatch",
+    "ValuesInOrder",
     "batched_copy_", "batched_copy_check", "batched_copy_table",
     "batched_copy_with_table_", "converts", "guard_mapped_files", "storage_alias_mask", "storage_ptrs",
 ]
@@ -93,16 +94,43 @@ class BoundCopy:
     sources straight from the tuple, skipping the per-tensor cost of passing lists
     through torch.ops. The checks are batched_copy_'s, and the copy its backend's.
     Every pair is checked before the first batch is written; on_batch(bytes) is
-    called after each batch."""
+    called after each batch.
 
-    def __init__(self, dst: Sequence[torch.Tensor], batch_stops: Sequence[int]) -> None:
-        self._bound = _C.BoundCopy(list(dst), list(batch_stops))
+    frozen=True is for destinations the caller watches itself before every call (a
+    StorageWatch of them, or of the tensors they are views of): they are held as
+    FrozenTensors, and each call checks their storages instead of every one. The
+    sources may be FrozenTensors too: given the same object again, only their
+    storages are checked."""
 
-    def __call__(self, src: Sequence[torch.Tensor], on_batch=None) -> torch.Tensor | None:
-        return self._bound.copy(src, on_batch)
+    def __init__(self, dst: Sequence[torch.Tensor], batch_stops: Sequence[int], *, frozen: bool = False) -> None:
+        self._bound = _C.BoundCopy(list(dst), list(batch_stops), frozen)
+
+    def __call__(self, src: Sequence[torch.Tensor] | FrozenTensors, on_batch=None) -> torch.Tensor | None:
+        return self._bound.copy(src._frozen if isinstance(src, FrozenTensors) else src, on_batch)
 
     def __len__(self) -> int:
         return len(self._bound)
+
+
+class FrozenTensors:
+    """Tensors as they are now, for a BoundCopy to read again and again: held as
+    aliases of their own (same storage, offset, shape, strides and dtype) that no one
+    else holds, so that nothing done to the tensors given (set_, resize_, ...) changes
+    what is read, and checking them is checking that each storage still has its
+    address and size (csrc/python/frozen_tensors.h):
+
+        frozen = FrozenTensors(views_of_a_mapped_file)
+        copy(frozen)  # the first call checks every pair; the next ones, the storages
+        frozen.unchanged()  # False once a storage was freed or resized"""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._frozen = _C.FrozenTensors(list(tensors))
+
+    def unchanged(self) -> bool:
+        return self._frozen.unchanged()
+
+    def __len__(self) -> int:
+        return len(self._frozen)
 
 
 class StorageWatch:

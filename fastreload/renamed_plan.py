@@ -35,27 +35,35 @@ class RenamedPlan:
     # Pairs whose source is a view of the source tensor (a shard, another shape):
     # (pair position, Target, its destination region), remade at each reload.
     adapted: tuple[tuple[int, Target, torch.Tensor], ...]
-    bound: ops.BoundCopy
+    bound: ops.BoundCopy  # of the views, frozen: `bases` watches what they view
     bases: ops.StorageWatch  # the model tensors the views view
     regions: int
-    # The safetensors files read last and the tensors fetched from them: the same
-    # (cached) files object holds the same views for as long as its files are
-    # unchanged, so reading them again needs no lookup per name.
-    last_read: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
+    # The safetensors files read last, the tensors fetched from them and, once they
+    # were read again, those frozen: the same (cached) files object holds the same
+    # views for as long as its files are unchanged, so reading them again needs no
+    # lookup per name, and the copy checks their storages instead of every view.
+    last_read: list = field(default_factory=lambda: [None, None, None], compare=False, repr=False)
 
     def current(self) -> bool:
         return self.bases.unchanged()
 
-    def fetched(self, raw, files) -> tuple:
+    def fetched(self, raw, files) -> tuple[tuple, ops.FrozenTensors | None]:
         """The source tensors of every pair, from the source mapping raw (the views of
-        `files`, when it is a SafetensorsSource); raises KeyError for a missing name."""
-        read, srcs = self.last_read
+        `files`, when it is a SafetensorsSource), and the same frozen when these files
+        were read before; raises KeyError for a missing name."""
+        read, srcs, frozen = self.last_read
         if files is not None and read is not None and read() is files and raw is files.views():
-            return srcs
+            if frozen is None:
+                try:
+                    frozen = ops.FrozenTensors(srcs)
+                except (TypeError, ValueError):  # a value that is not a strided tensor: passed as it is
+                    frozen = False
+                self.last_read[2] = frozen
+            return srcs, frozen or None
         srcs = self.fetch(raw)
         if files is not None and raw is files.views():
-            self.last_read[:] = [weakref.ref(files), srcs]
-        return srcs
+            self.last_read[:] = [weakref.ref(files), srcs, None]
+        return srcs, None
 
 
 def _key(batch_bytes: int):
@@ -103,7 +111,7 @@ def remember(plan: Plan, source, work: Work, batch_bytes: int) -> None:
         stops.append(len(dsts))
     layout.plans[_key(batch_bytes)] = RenamedPlan(
         plan, source.rename, tuple(names), Fetcher(tuple(names)), tuple(labels), tuple(dsts),
-        tuple(adapted), ops.BoundCopy(dsts, stops or [0]), ops.StorageWatch(plan.dsts), work.regions)
+        tuple(adapted), ops.BoundCopy(dsts, stops or [0], frozen=True), ops.StorageWatch(plan.dsts), work.regions)
 
 
 def _address(value) -> int:
@@ -122,11 +130,11 @@ def cached_work(plan: Plan, source, batch_bytes: int, on_written, files=None) ->
     if len(raw) != len(cached.names) or not cached.current():
         return None
     try:
-        srcs = cached.fetched(raw, files)
+        srcs, frozen = cached.fetched(raw, files)
     except KeyError:
         return None
     if cached.adapted:
-        srcs = list(srcs)
+        srcs, frozen = list(srcs), None
         for position, target, base in cached.adapted:
             if not isinstance(srcs[position], torch.Tensor):
                 return None
@@ -135,7 +143,7 @@ def cached_work(plan: Plan, source, batch_bytes: int, on_written, files=None) ->
             except RegionProblem:
                 return None  # the slow path names it
     try:
-        problems = cached.bound(srcs, on_written)
+        problems = cached.bound(srcs if frozen is None else frozen, on_written)
     except TypeError:  # a value that is no tensor (checked before any write): the slow path names it
         return None
     if problems is not None:

@@ -922,6 +922,101 @@ def test_bound_copy_remembers_several_sources_and_checks_each_again_when_it_chan
     assert bound((a, b)).tolist() == [PairProblem.SHAPE, PairProblem.NONE]
 
 
+@pytest.mark.parametrize("change", ["data", "set_view", "resize", "as_strided", "transpose", "storage_resized"])
+def test_storage_watch_sees_every_change_that_makes_a_cached_plan_stale(change):
+    # What cached plans of views of model tensors ask before every reload.
+    p, q = torch.zeros(4, 6), torch.zeros(3)
+    watch = ops.StorageWatch([p, q])
+    assert len(watch) == 2 and watch.unchanged()
+    p.fill_(1.0)
+    q.add_(2.0)
+    assert watch.unchanged(), "new values are no change"
+    if change == "data":
+        p.data = torch.zeros(4, 6)
+    elif change == "set_view":
+        p.set_(p.untyped_storage(), 6, (3, 6))
+    elif change == "resize":
+        q.resize_(2)
+    elif change == "as_strided":
+        p.as_strided_((4, 6), (1, 4))
+    elif change == "transpose":
+        p.t_()
+    else:
+        q.untyped_storage().resize_(0)
+    assert not watch.unchanged()
+
+
+def test_frozen_sources_read_what_they_were_whatever_is_done_to_the_tensors_given():
+    # What a cached plan of views into mapped files relies on: the views are frozen
+    # once, and the copy reads exactly those bytes again and again.
+    buffer = torch.arange(16, dtype=torch.float32)
+    views = [buffer[0:4], buffer[8:14].view(2, 3)]
+    frozen = ops.FrozenTensors(views)
+    assert len(frozen) == 2 and frozen.unchanged()
+    p, q = torch.zeros(4), torch.zeros(2, 3)
+    bound = ops.BoundCopy([p, q], [1, 2])
+    for value in (1.0, 2.0):
+        buffer.fill_(value)  # new bytes in the same storage are read
+        assert bound(frozen) is None
+        assert torch.equal(p, torch.full((4,), value)) and torch.equal(q, torch.full((2, 3), value))
+    views[0].set_(torch.full((7,), 9.0))  # the tensor given, not the frozen alias
+    views[1].resize_(1)
+    assert bound(frozen) is None and torch.equal(p, torch.full((4,), 2.0))
+    assert bound(tuple(views)).tolist() == [PairProblem.SHAPE, PairProblem.SHAPE]  # the tensors themselves
+    old = p.data
+    p.data = torch.zeros(4)  # a destination moved: frozen sources known before are checked again
+    buffer.fill_(5.0)
+    assert bound(frozen) is None and torch.equal(p, torch.full((4,), 5.0)) and torch.equal(old, torch.full((4,), 2.0))
+    p.data = q.view(6)[:4]
+    assert bound(frozen).tolist() == [PairProblem.DESTINATION_OVERLAP] * 2
+
+
+def test_frozen_sources_whose_storage_is_resized_are_refused_with_nothing_written():
+    buffer = torch.ones(8)
+    frozen = ops.FrozenTensors([buffer[:4], buffer[4:]])
+    p, q = torch.zeros(4), torch.zeros(4)
+    bound = ops.BoundCopy([p, q], [2])
+    assert bound(frozen) is None
+    buffer.untyped_storage().resize_(4)  # the second view now reaches past the storage
+    assert not frozen.unchanged()
+    p.zero_()
+    with pytest.raises(ValueError, match="frozen source"):
+        bound(frozen)
+    assert torch.equal(p, torch.zeros(4))
+
+
+def test_frozen_sources_are_checked_in_full_the_first_time():
+    p, q = torch.zeros(4), torch.zeros(4)
+    bound = ops.BoundCopy([p, q], [2])
+    assert bound(ops.FrozenTensors([p, torch.ones(4)])) is None  # p onto p: nothing to do
+    assert bound(ops.FrozenTensors([q, torch.ones(4)])).tolist() == [PairProblem.SOURCE_OVERLAP, PairProblem.NONE]
+    assert bound(ops.FrozenTensors([torch.ones(5), torch.ones(4)])).tolist() == [PairProblem.SHAPE, PairProblem.NONE]
+    assert torch.equal(p, torch.zeros(4)) and torch.equal(q, torch.ones(4))
+
+
+def test_frozen_tensors_refuse_what_has_no_storage_to_alias():
+    with pytest.raises(ValueError, match="tensor 1 is not a strided tensor with storage"):
+        ops.FrozenTensors([torch.ones(2), torch.ones(2, device="meta")])
+    with pytest.raises(ValueError, match="tensor 0"):
+        ops.FrozenTensors([torch.ones(4).to_sparse()])
+
+
+def test_bound_copy_of_frozen_destinations_writes_their_storage_and_sees_it_freed():
+    # Frozen destinations are for views whose bases the caller watches: the copy
+    # writes where the views were made, checks only that the storages stayed.
+    base = torch.zeros(2, 6)
+    views = [base[0, :3], base[:, 3:].t()]
+    bound = ops.BoundCopy(views, [1, 2], frozen=True)
+    source = (torch.arange(3.0), torch.arange(6.0).view(3, 2))
+    assert bound(source) is None
+    assert torch.equal(base, torch.tensor([[0, 1, 2, 0, 2, 4], [0, 0, 0, 1, 3, 5]], dtype=torch.float32))
+    views[0].set_(torch.zeros(3))  # not what is written: the view as it was made is
+    assert bound(tuple(s + 1 for s in source)) is None and base[0, 2] == 3
+    base.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="frozen destination"):
+        bound(source)
+
+
 def test_values_in_order_reads_a_dict_while_its_keys_come_in_the_same_order():
     source = {name: torch.full((1,), float(i)) for i, name in enumerate(["a.w", "b.w", "c.w"])}
     read = ops.ValuesInOrder(tuple(source), [2, 0])

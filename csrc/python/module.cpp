@@ -11,8 +11,10 @@
 // straight out of a Python tuple, plus a fingerprint of each destination that
 // tells whether it changed (then it reads them again). It also remembers the
 // last few accepted calls' sources by fingerprint, with their pairs checked and
-// described: sources seen again are only compared with them. The checks are the
-// ones batched_copy_ runs (copy_pairs.h), and the copy is its backend's own pass.
+// described: sources seen again are only compared with them. Destinations and
+// sources may also be frozen (frozen_tensors.h): then only their storages are
+// compared. The checks are the ones batched_copy_ runs (copy_pairs.h), and the
+// copy is its backend's own pass.
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -20,10 +22,12 @@
 #include <algorithm>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "../copy_pairs.h"
+#include "frozen_tensors.h"
 
 namespace fastreload {
 namespace {
@@ -80,8 +84,15 @@ py::object as_problem_codes(const std::vector<PairProblem>& problems) {
 class BoundCopy {
  public:
   // batch_stops: the end index of each batch, increasing, the last one len(dst).
-  BoundCopy(std::vector<at::Tensor> dst, std::vector<int64_t> batch_stops)
+  // frozen: the destinations are views the caller made and hands out to no one,
+  // of tensors it watches itself; they are copied frozen and each call checks
+  // their storages only.
+  BoundCopy(std::vector<at::Tensor> dst, std::vector<int64_t> batch_stops, bool frozen)
       : dst_(std::move(dst)), stops_(std::move(batch_stops)) {
+    if (frozen) {
+      frozen_dst_ = std::make_unique<const FrozenTensors>(dst_);
+      dst_.assign(frozen_dst_->list().begin(), frozen_dst_->list().end());
+    }
     TORCH_CHECK_VALUE(!stops_.empty() && stops_.back() == static_cast<int64_t>(dst_.size()),
                       "BoundCopy: the last batch must end at the last destination (", dst_.size(), ")");
     int64_t start = 0;
@@ -98,10 +109,17 @@ class BoundCopy {
 
   // dst[i] <- sources[i] for every pair, batch by batch, calling on_batch(bytes)
   // after each. Returns None when done or, having written nothing, the
-  // PairProblem code of every pair when some pair is refused.
+  // PairProblem code of every pair when some pair is refused. sources: a sequence
+  // of tensors, or FrozenTensors.
   py::object copy(py::handle sources, py::handle on_batch) {
-    const BorrowedSources borrowed(sources);
-    const at::TensorList src = borrowed.list();
+    std::shared_ptr<const FrozenTensors> frozen;
+    std::optional<BorrowedSources> borrowed;
+    if (py::isinstance<FrozenTensors>(sources)) {
+      frozen = sources.cast<std::shared_ptr<FrozenTensors>>();
+    } else {
+      borrowed.emplace(sources);
+    }
+    const at::TensorList src = frozen ? frozen->list() : borrowed->list();
     TORCH_CHECK_VALUE(src.size() == dst_.size(), "BoundCopy: got ", src.size(), " sources for ",
                       dst_.size(), " destinations");
     std::vector<PairProblem> refused;
@@ -113,8 +131,12 @@ class BoundCopy {
       // Sources as they were at a recent accepted call, destinations unchanged since:
       // its checks and descriptors still hold (the common case: the same staging
       // tensors, or the same source mapping, reloaded again and again).
-      const Accepted* accepted = recall(src);
-      if (accepted != nullptr && !fingerprints_->all_match(dst_)) {
+      TORCH_CHECK_VALUE(frozen_dst_ == nullptr || frozen_dst_->unchanged(),
+                        "BoundCopy: the storage of a frozen destination was freed or resized");
+      TORCH_CHECK_VALUE(frozen == nullptr || frozen->unchanged(),
+                        "BoundCopy: the storage of a frozen source was freed or resized");
+      const Accepted* accepted = recall(src, frozen);
+      if (accepted != nullptr && frozen_dst_ == nullptr && !fingerprints_->all_match(dst_)) {
         accepted_.clear();  // every call remembered was checked against the old destinations
         accepted = nullptr;
       }
@@ -135,7 +157,7 @@ class BoundCopy {
         if (any_refused) {
           refused = pair_problems(facts);
         } else {
-          accepted = remember(std::move(sources), facts);
+          accepted = remember(std::move(sources), facts, std::move(frozen));
         }
       }
       if (refused.empty()) {
@@ -160,22 +182,28 @@ class BoundCopy {
   struct Accepted {
     Fingerprints sources;
     std::vector<DescribedBatch> batches;
+    std::shared_ptr<const FrozenTensors> frozen;  // the sources, when they were frozen
   };
 
   // The remembered call whose sources are these tensors again (moved to the front),
-  // or nullptr.
-  const Accepted* recall(at::TensorList src) {
-    for (size_t k = 0; k < accepted_.size(); ++k) {
-      if (accepted_[k]->sources.all_match(src)) {
-        std::rotate(accepted_.begin(), accepted_.begin() + k, accepted_.begin() + k + 1);
-        return accepted_.front().get();
+  // or nullptr. Frozen sources seen before are known by identity; seen first, they
+  // are compared like any, and known from then on.
+  const Accepted* recall(at::TensorList src, const std::shared_ptr<const FrozenTensors>& frozen) {
+    size_t k = 0;
+    while (frozen != nullptr && k < accepted_.size() && accepted_[k]->frozen != frozen) ++k;
+    if (frozen == nullptr || k == accepted_.size()) {
+      for (k = 0; k < accepted_.size() && !accepted_[k]->sources.all_match(src); ++k) {
       }
+      if (k == accepted_.size()) return nullptr;
+      if (frozen != nullptr) accepted_[k]->frozen = frozen;
     }
-    return nullptr;
+    std::rotate(accepted_.begin(), accepted_.begin() + k, accepted_.begin() + k + 1);
+    return accepted_.front().get();
   }
 
-  const Accepted* remember(Fingerprints sources, const std::vector<PairFacts>& facts) {
-    auto accepted = std::make_unique<Accepted>(Accepted{std::move(sources), {}});
+  const Accepted* remember(Fingerprints sources, const std::vector<PairFacts>& facts,
+                           std::shared_ptr<const FrozenTensors> frozen) {
+    auto accepted = std::make_unique<Accepted>(Accepted{std::move(sources), {}, std::move(frozen)});
     int64_t start = 0;
     for (const int64_t stop : stops_) {
       accepted->batches.push_back(describe_pairs(*dsts_, facts, start, stop));
@@ -197,13 +225,14 @@ class BoundCopy {
   // per pair each.
   static constexpr size_t kRememberedCalls = 4;
 
+  std::unique_ptr<const FrozenTensors> frozen_dst_;  // holds dst_ when frozen
   std::vector<at::Tensor> dst_;
   std::vector<int64_t> stops_;
   std::vector<int64_t> batch_bytes_;
   std::unique_ptr<const Destinations> dsts_;
   std::unique_ptr<const Fingerprints> fingerprints_;
   // The last accepted calls, most recent first.
-  std::vector<std::unique_ptr<const Accepted>> accepted_;
+  std::vector<std::unique_ptr<Accepted>> accepted_;
   std::mutex mutex_;
 };
 
@@ -213,18 +242,20 @@ void bind_checkpoint_tensors(pybind11::module& m);  // checkpoint_tensors.cpp
 void bind_values_in_order(pybind11::module& m);     // values_in_order.cpp
 void bind_mapped_file(pybind11::module& m);         // mapped_file.cpp
 void bind_storage_watch(pybind11::module& m);       // storage_watch.cpp
+void bind_frozen_tensors(pybind11::module& m);      // frozen_tensors.cpp
 
 }  // namespace fastreload
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using fastreload::BoundCopy;
   pybind11::class_<BoundCopy>(m, "BoundCopy")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>>(), pybind11::arg("dst"),
-           pybind11::arg("batch_stops"))
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>, bool>(), pybind11::arg("dst"),
+           pybind11::arg("batch_stops"), pybind11::arg("frozen") = false)
       .def("copy", &BoundCopy::copy, pybind11::arg("sources"), pybind11::arg("on_batch") = pybind11::none())
       .def("__len__", &BoundCopy::size);
   fastreload::bind_checkpoint_tensors(m);
   fastreload::bind_values_in_order(m);
   fastreload::bind_mapped_file(m);
   fastreload::bind_storage_watch(m);
+  fastreload::bind_frozen_tensors(m);
 }

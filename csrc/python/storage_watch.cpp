@@ -7,6 +7,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../storage_ptr.h"
@@ -17,13 +18,40 @@ namespace {
 class StorageWatch {
  public:
   explicit StorageWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
-    seen_.reserve(tensors_.size());
-    for (const at::Tensor& t : tensors_) seen_.push_back(Seen::of(t));
+    starts_.reserve(tensors_.size() + 1);
+    for (const at::Tensor& t : tensors_) {
+      starts_.push_back(seen_.size());
+      seen_.push_back(storage_ptr(t));
+      if (!t.defined()) continue;
+      seen_.push_back(t.storage_offset());
+      seen_.push_back(static_cast<int64_t>(t.scalar_type()));
+      seen_.push_back(t.dim());
+      seen_.insert(seen_.end(), t.sizes().begin(), t.sizes().end());
+      seen_.insert(seen_.end(), t.strides().begin(), t.strides().end());
+    }
+    starts_.push_back(seen_.size());
   }
 
+  // Read in place: a reload asks before every call, for hundreds of tensors.
   bool unchanged() const {
     for (size_t i = 0; i < tensors_.size(); ++i) {
-      if (!(Seen::of(tensors_[i]) == seen_[i])) return false;
+      const at::Tensor& t = tensors_[i];
+      const int64_t* v = seen_.data() + starts_[i];
+      if (v[0] != storage_ptr(t)) return false;
+      if (!t.defined()) {
+        if (starts_[i + 1] - starts_[i] != 1) return false;
+        continue;
+      }
+      const int64_t dim = t.dim();
+      if (static_cast<int64_t>(starts_[i + 1] - starts_[i]) != 4 + 2 * dim || v[1] != t.storage_offset() ||
+          v[2] != static_cast<int64_t>(t.scalar_type()) || v[3] != dim) {
+        return false;
+      }
+      const auto sizes = t.sizes();
+      const auto strides = t.strides();
+      if (!std::equal(sizes.begin(), sizes.end(), v + 4) || !std::equal(strides.begin(), strides.end(), v + 4 + dim)) {
+        return false;
+      }
     }
     return true;
   }
@@ -31,25 +59,10 @@ class StorageWatch {
   size_t size() const { return tensors_.size(); }
 
  private:
-  struct Seen {
-    int64_t storage = 0;
-    int64_t offset = 0;
-    c10::ScalarType dtype = c10::ScalarType::Undefined;
-    std::vector<int64_t> sizes;
-    std::vector<int64_t> strides;
-
-    static Seen of(const at::Tensor& t) {
-      if (!t.defined()) return {};
-      return {storage_ptr(t), t.storage_offset(), t.scalar_type(), t.sizes().vec(), t.strides().vec()};
-    }
-    bool operator==(const Seen& o) const {
-      return storage == o.storage && offset == o.offset && dtype == o.dtype && sizes == o.sizes &&
-             strides == o.strides;
-    }
-  };
-
   std::vector<at::Tensor> tensors_;
-  std::vector<Seen> seen_;
+  // Per tensor: storage address, then (if defined) offset, dtype, dim, sizes, strides.
+  std::vector<int64_t> seen_;
+  std::vector<size_t> starts_;  // tensor i's values begin at starts_[i]; one more at the end
 };
 
 }  // namespace

@@ -51,6 +51,9 @@ class HubRename:
     The checkpoint's names are known at once; the targets are derived on first use
     (that is when a conversion that is not a view is refused)."""
 
+    # Its answer for a name never changes: a stream may keep the regions it found.
+    answers_fixed = True
+
     def __init__(self, model: nn.Module, model_type: str, names: dict[str, tuple]) -> None:
         self.model_type = model_type
         self.names = names  # checkpoint name -> (shape, dtype)

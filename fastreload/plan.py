@@ -199,7 +199,9 @@ def assemble_regions(layout: Layout, regions, get, sources_of=None) -> Regions:
                 found.unexpected.append(target.name)
             continue
         dst = layout.targets[index].tensor
-        pieces = found.pieces.setdefault(index, Pieces(layout.targets[index].name, 0))
+        pieces = found.pieces.get(index)
+        if pieces is None:
+            pieces = found.pieces[index] = Pieces(layout.targets[index].name, 0)
         try:
             dv, sv, covered, label = region_views(target, dst, tensor)
             pieces.add(dv, sv, covered, label, tensor, dst, target)

@@ -191,7 +191,8 @@ def dest_view(target: Target, dst: torch.Tensor, covered: tuple) -> torch.Tensor
 class Pieces:
     """The regions of one destination received so far: complete when they cover it
     exactly. add() refuses an overlap, a second dimension at one index, a repeated
-    region."""
+    region; add_known() takes a region of a tiling an earlier stream checked, and
+    leaves the checks for when another region comes (or an error needs them)."""
 
     name: str
     size: int  # elements of the destination (0 until the first region says)
@@ -199,6 +200,9 @@ class Pieces:
     srcs: list[torch.Tensor] = field(default_factory=list)
     spans: list[tuple[tuple[int, ...], int, int, int, str]] = field(default_factory=list)  # index, dim, start, stop, label
     targets: list[Target] = field(default_factory=list)
+    # The source name of each region, where the caller gave it (a stream, to keep
+    # the regions of names it may see again); else None.
+    sources: list[str | None] = field(default_factory=list)
     held_bytes: int = 0  # of the source tensors the views keep alive
     covered: int = 0  # elements
     shape: tuple[int, ...] = ()
@@ -206,10 +210,46 @@ class Pieces:
     # would contain one given deeper).
     _at: dict = field(default_factory=dict, repr=False)
     _prefixes: set = field(default_factory=set, repr=False)
+    _checked: int = field(default=0, repr=False)  # spans[:_checked] are in _at
 
     def add(self, dv, sv, covered, label, src: torch.Tensor, dst: torch.Tensor,
-            target: Target | None = None) -> None:
+            target: Target | None = None, source: str | None = None) -> None:
         """Raises RegionProblem, or KeyError(label) for a region given twice."""
+        self._catch_up()
+        self._claim(covered, label)
+        if not self.size:
+            self.size = dst.numel() if dst.dim() else 1
+            self.shape = tuple(dst.shape)
+        self._checked += 1
+        self.spans.append((*covered, label))
+        self.dsts.append(dv)
+        self.srcs.append(sv)
+        self.targets.append(target)
+        self.sources.append(source)
+        self.covered += dv.numel()
+        self.held_bytes += src.nbytes
+
+    def add_known(self, dv, sv, covered, label, nbytes: int, elements: int, size: int,
+                  shape: tuple[int, ...], target: Target, source: str) -> None:
+        """A region of a tiling of this destination that an earlier stream checked
+        region by region: distinct regions of it cover the destination exactly, so
+        only their count is kept (the caller never gives one twice)."""
+        self.size, self.shape = size, shape
+        self.spans.append((*covered, label))
+        self.dsts.append(dv)
+        self.srcs.append(sv)
+        self.targets.append(target)
+        self.sources.append(source)
+        self.covered += elements
+        self.held_bytes += nbytes
+
+    def _catch_up(self) -> None:
+        """The checks of the regions add_known took, before anything relies on them."""
+        for index, dim, start, stop, label in self.spans[self._checked:]:
+            self._claim((index, dim, start, stop), label)
+            self._checked += 1
+
+    def _claim(self, covered, label) -> None:
         index, dim, start, stop = covered
         at = self._at.get(index)
         if at is None:
@@ -218,6 +258,7 @@ class Pieces:
                              if s[0][:len(index)] == index or index[:len(s[0])] == s[0])
                 raise RegionProblem(f"regions overlap: {other} and {label}")
             at = self._at[index] = []
+            self._prefixes.update(index[:n] for n in range(len(index)))
         for d, a, b, other in at:
             if d != dim:
                 raise RegionProblem(f"regions along different dimensions: {other} and {label}")
@@ -226,21 +267,13 @@ class Pieces:
             if a < stop and start < b:
                 raise RegionProblem(f"regions overlap: {other} and {label}")
         at.append((dim, start, stop, label))
-        self._prefixes.update(index[:n] for n in range(len(index)))
-        self.size = dst.numel() if dst.dim() else 1
-        self.shape = tuple(dst.shape)
-        self.spans.append((index, dim, start, stop, label))
-        self.dsts.append(dv)
-        self.srcs.append(sv)
-        self.targets.append(target)
-        self.covered += dv.numel()
-        self.held_bytes += src.numel() * src.element_size()
 
     @property
     def complete(self) -> bool:
         return self.covered == self.size
 
     def uncovered(self) -> str:
+        self._catch_up()
         if not any(index for index, *_ in self.spans):
             return _gaps_along(self.spans, self.shape[0] if self.shape else 1, "rows")
         depth = max(len(index) for index, *_ in self.spans)

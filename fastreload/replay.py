@@ -556,7 +556,9 @@ class Replay:
         complete = values[e]
         if complete is not None and not isinstance(complete, Pieces):
             raise self.fail(regions={entry.name: "given both whole and in regions"})
-        pieces = complete or self.pieces.setdefault((g, e), Pieces(entry.name, 0))
+        pieces = complete or self.pieces.get((g, e))
+        if pieces is None:
+            pieces = self.pieces[(g, e)] = Pieces(entry.name, 0)
         shape = torch.empty(entry.shape, dtype=entry.dtype, device="meta")  # the temporary, to come
         try:
             dv, sv, covered, label = region_views(target, shape, tensor)

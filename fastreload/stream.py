@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,16 +42,31 @@ class StreamResult:
     regions: int = 0
 
 
-def _region_views(plan: Plan) -> dict:
-    """The destination views of the regions earlier streams gave (each expert of a
-    Hub-format checkpoint), by (target index, Target, source shape), kept with the
-    plan while the model tensors they view are unchanged: a repeated stream makes no
-    view per region."""
+@dataclass
+class _Regions:
+    """What earlier streams found about a plan's regions, kept with it while the
+    model tensors they view are unchanged, so that a repeated stream in a
+    checkpoint format makes no view and checks no overlap per region:
+
+    - views: the destination view of each region, by (target index, Target, source
+      shape);
+    - known: under `rename` (one whose answers never change), each source name whose
+      regions a stream found to tile their destination exactly, to the region it
+      writes (see _Consumer.take_known)."""
+
+    plan: Plan
+    watch: ops.StorageWatch
+    views: dict = field(default_factory=dict)
+    rename: object = None
+    known: dict = field(default_factory=dict)
+
+
+def _kept_regions(plan: Plan) -> _Regions:
     key = "stream regions"  # one plan's: a layout streamed with another batch size starts again
     kept = plan.layout.plans.get(key)
-    if kept is None or kept[0] is not plan or not kept[1].unchanged():
-        kept = plan.layout.plans[key] = (plan, ops.StorageWatch(plan.dsts), {})
-    return kept[2]
+    if kept is None or kept.plan is not plan or not kept.watch.unchanged():
+        kept = plan.layout.plans[key] = _Regions(plan, ops.StorageWatch(plan.dsts))
+    return kept
 
 
 class _Consumer:
@@ -83,7 +98,9 @@ class _Consumer:
         self.unexpected: list[str] = []
         self.hub = hub  # the model's checkpoint-format rename (hf.HubRename), to detect; or None
         self.region_sources: set[str] = set()  # source names given for regions
-        self.region_views = _region_views(plan)
+        self.kept = _kept_regions(plan)
+        self.region_views = self.kept.views
+        self.checked: set[int] = set()  # destinations with regions taken with their checks (not known before)
         # Recorded modules: their checkpoint names go to the replay, which writes them.
         self.replay = None if replay is None else Replay(
             replay, model, batch_bytes=replay_batch_bytes or batch_bytes, on_written=on_written, fail=self.fail)
@@ -140,7 +157,7 @@ class _Consumer:
                 return
             if isinstance(name, Target):
                 if not name.is_plain:
-                    return self.take_region(source_name, name, tensor)
+                    return self.take_region(source_name, name, tensor, single=True)
                 name = name.name
         elif self.detect is not None and not self.seen and not self.detect(name):
             # The first name is unknown: a common wrapper may explain it (and the rest).
@@ -193,7 +210,8 @@ class _Consumer:
         take, pending, seen, written = self.take, self.pending, self.seen, self.written_targets
         target_index, unit_of = self.layout.target_index, self.plan.unit_of
         remaining, unit_bytes, completed = self.remaining, self.unit_bytes, self.completed
-        tensor_type, cap = torch.Tensor, self.max_held_bytes
+        tensor_type, cap, take_known = torch.Tensor, self.max_held_bytes, self.take_known
+        known = self.known_names()
         while True:
             try:
                 item = next(iterator)
@@ -205,6 +223,13 @@ class _Consumer:
                 name, tensor = item
             except (TypeError, ValueError):
                 raise self.fail(reason=f"a stream yields (name, tensor) pairs, got {_shown(item)}") from None
+            if known is not None:
+                try:
+                    slot = known.get(name)
+                except TypeError:  # an unhashable name: take() refuses it
+                    slot = None
+                if slot is not None and take_known(name, tensor, slot):
+                    continue
             try:
                 index = target_index.get(name) if self.rename is None and self.replay is None and seen else None
             except TypeError:  # an unhashable name: take() refuses it
@@ -212,6 +237,7 @@ class _Consumer:
             if index is None or index in pending or index in written or name in seen or self.pieces \
                     or not isinstance(tensor, tensor_type):
                 take(name, tensor)  # a rename, a replay, the first name, a region, a tied name, a refusal
+                known = self.known_names()  # the first name may have told the rename
                 continue
             seen.add(name)
             pending[index] = tensor
@@ -247,10 +273,12 @@ class _Consumer:
             raise self.fail(unexpected=[name])
         self.unexpected.append(name)
 
-    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor, read: bool = True) -> None:
+    def take_region(self, source_name: str, target: Target, tensor: torch.Tensor, read: bool = True,
+                    single: bool = False) -> None:
         """A source tensor for a region of a destination; the destination arrives
         when its regions cover it. read: the tensor's bytes count as read (once per
-        source tensor; they are held once per region)."""
+        source tensor; they are held once per region). single: its only region (its
+        name may then be known to the next streams)."""
         if not isinstance(tensor, torch.Tensor):
             raise self.not_a_tensor(source_name, tensor)
         name = target.name
@@ -269,7 +297,9 @@ class _Consumer:
         whole = self.pending.get(index)
         if index in self.written_targets or (whole is not None and not isinstance(whole, Pieces)):
             raise self.fail(regions={name: "given both whole and in regions"})
-        pieces = self.pieces.setdefault(index, Pieces(self.layout.targets[index].name, 0))
+        pieces = self.pieces.get(index)
+        if pieces is None:
+            pieces = self.pieces[index] = Pieces(self.layout.targets[index].name, 0)
         try:
             key = (index, target, tensor.shape)
             seen = self.region_views.get(key)
@@ -279,7 +309,9 @@ class _Consumer:
                 dv, sv, covered, label = region_views(target, self.plan.dsts[index], tensor)
                 if sv is tensor:  # the source whole, as it came: the same view serves the next one
                     self.region_views[key] = dv, covered, label
-            pieces.add(dv, sv, covered, label, tensor, self.plan.dsts[index], target)
+            pieces.add(dv, sv, covered, label, tensor, self.plan.dsts[index], target,
+                       source_name if single and sv is tensor else None)
+            self.checked.add(index)
         except RegionProblem as problem:
             raise self.fail(regions={f"{name} <- {source_name}": str(problem)}) from None
         except KeyError as repeated:
@@ -291,6 +323,59 @@ class _Consumer:
             self.pending[index] = pieces
             self.pieces_pending += 1
             self.arrived(index, pieces.held_bytes)
+
+    def known_names(self) -> dict | None:
+        """The source names earlier streams under this stream's rename found regions
+        for (take_known), or None."""
+        kept = self.kept
+        if self.rename is None or self.rename is not kept.rename or self.replay is not None:
+            return None
+        return kept.known
+
+    def take_known(self, source_name: str, tensor, slot: tuple) -> bool:
+        """take_region for a source name an earlier stream wrote the same region from,
+        as part of a tiling of its destination checked then: the regions of distinct
+        names of it cover the destination exactly, so none is checked against the
+        others. False (nothing taken) for anything else take_region would decide:
+        a name given twice, another shape, a destination given whole or done."""
+        index, dv, covered, label, source_shape, elements, size, shape, target = slot
+        if (source_name in self.region_sources or not isinstance(tensor, torch.Tensor)
+                or tensor.shape != source_shape or index in self.pending or index in self.written_targets):
+            return False
+        pieces = self.pieces.get(index)
+        if pieces is None:
+            pieces = self.pieces[index] = Pieces(self.layout.targets[index].name, 0)
+        nbytes = tensor.nbytes
+        pieces.add_known(dv, tensor, covered, label, nbytes, elements, size, shape, target, source_name)
+        self.region_sources.add(source_name)
+        self.held_bytes = held = self.held_bytes + nbytes
+        if held > self.peak_held_bytes or self.max_held_bytes is not None:
+            self.hold(nbytes)
+        else:
+            self.bytes_read += nbytes
+        if pieces.covered == size:
+            self.pending[index] = pieces
+            self.pieces_pending += 1
+            self.arrived(index, pieces.held_bytes)
+        return True
+
+    def keep_known(self) -> None:
+        """After a stream written whole: the names whose regions tiled their
+        destination, for the next streams under the same rename."""
+        rename, kept = self.rename, self.kept
+        if not self.checked or not getattr(rename, "answers_fixed", False):
+            return
+        if kept.rename is not rename:
+            kept.rename, kept.known = rename, {}
+        known = kept.known
+        for index in self.checked:
+            pieces = self.pieces[index]
+            if index not in self.written_targets or None in pieces.sources:
+                continue
+            for k, source in enumerate(pieces.sources):
+                dv, span = pieces.dsts[k], pieces.spans[k]
+                known[source] = (index, dv, span[:4], span[4], pieces.srcs[k].shape, dv.numel(),
+                                 pieces.size, pieces.shape, pieces.targets[k])
 
     def arrived(self, index: int, nbytes: int) -> None:
         unit = self.plan.unit_of[index]
@@ -391,6 +476,8 @@ class _Consumer:
             self.write(partial)
             self.written_units += incomplete
         layers = len(set(self.written_units))
+        if not missing:
+            self.keep_known()
         if replay is None:
             return StreamResult(self.tensors, self.bytes, layers, self.calls, self.bytes_read,
                                 self.peak_held_bytes, tuple(missing), tuple(self.unexpected),

@@ -127,5 +127,6 @@ def test_transformers_row_runs_and_verifies(tmp_path):
     record = json.loads(out.read_text())
     assert record["regions"] == 2 * 128 * 3
     assert set(record["medians"]) == {"fastreload (Hub-format shards)", "fastreload (own-format shards)",
-                                      "from_pretrained (Hub-format shards)"}
+                                      "from_pretrained (Hub-format shards)", "fastreload (Hub-format stream)",
+                                      "fastreload (own-format stream)"}
     assert [len(s) for s in record["paired_samples"].values()] == [2, 2]

@@ -267,8 +267,9 @@ def test_repeated_reloads_use_the_cached_regions_and_follow_the_model(tmp_path, 
         plans = fastreload.model.layout_of(other).plans
         if kind == "directory":  # kept for the next one
             assert any(isinstance(k, tuple) and k[0] == "renamed" for k in plans)
-        else:
-            assert len(plans["stream regions"][2]) == 24
+        else:  # the views, and the names whose regions tile their destination
+            kept = plans["stream regions"]
+            assert len(kept.views) == 24 and len(kept.known) == 24
         got = other.state_dict()
         assert all(torch.equal(got[k], v) for k, v in want.items())
         with torch.no_grad():
@@ -279,6 +280,50 @@ def test_repeated_reloads_use_the_cached_regions_and_follow_the_model(tmp_path, 
         if round_ == 2:
             experts.gate_up_proj.data = torch.zeros_like(experts.gate_up_proj)
     assert experts.gate_up_proj.data_ptr() == other.state_dict()["model.layers.1.mlp.experts.gate_up_proj"].data_ptr()
+
+
+def _expert_names(model) -> list[str]:
+    return sorted(n for n, t in hub_rename(model).targets.items() if isinstance(t, Target))
+
+
+@pytest.mark.parametrize("fault", ["missing", "twice", "other shape", "also whole", "not a tensor"])
+def test_a_repeated_stream_is_checked_as_the_first_one(tmp_path, fault):
+    """A stream in the checkpoint format seen before writes its regions without
+    checking each against the others (their tiling was checked then): whatever
+    differs in a later stream is still refused, naming it, with nothing written."""
+    model = build("qwen3_moe", seed=1)
+    model.save_pretrained(tmp_path)
+    other = build("qwen3_moe", seed=2)
+    for seed in range(2):  # the second stream runs on the names the first one kept
+        reload_layerwise(other, stream(tmp_path, seed=seed))
+    assert len(fastreload.model.layout_of(other).plans["stream regions"].known) == 24
+    pairs = list(stream(tmp_path, seed=5))
+    gone = _expert_names(other)[7]
+    at = next(i for i, (n, _) in enumerate(pairs) if n == gone)
+    if fault == "missing":
+        del pairs[at]
+    elif fault == "twice":
+        pairs.insert(len(pairs) - 1, pairs[at])
+    elif fault == "other shape":
+        pairs[at] = (gone, pairs[at][1][:-1])
+    elif fault == "also whole":
+        whole = hub_rename(other)(gone).name
+        pairs.insert(0, (whole, other.state_dict()[whole].clone()))
+    else:
+        pairs[at] = (gone, pairs[at][1].tolist())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1)
+    before = snapshot(other)
+    with pytest.raises(ReloadError) as info:
+        reload_layerwise(other, iter(pairs), batch_bytes=1 << 40)  # one batch: nothing written on refusal
+    shown = str(info.value)
+    said = {"missing": f"not given: {gone}", "twice": "arrived twice", "other shape": "the region has shape",
+            "also whole": "given both whole and in regions", "not a tensor": f"'{gone}': the stream gave a list"}
+    assert said[fault] in shown, shown
+    assert_untouched(other, before)
+    reload_layerwise(other, stream(tmp_path, seed=6))  # and the next good stream writes it all
+    assert_matches(other, model)
 
 
 def test_tied_embeddings(tmp_path):

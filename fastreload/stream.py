@@ -59,6 +59,22 @@ class _Regions:
     views: dict = field(default_factory=dict)
     rename: object = None
     known: dict = field(default_factory=dict)
+    copies: dict = field(default_factory=dict)  # see bound_copy
+
+    def bound_copy(self, dsts: list[torch.Tensor]) -> ops.BoundCopy:
+        """A copy bound to these destinations (model tensors and views kept here, all
+        watched by `watch`), kept for the next batches of exactly these: a stream sent
+        in the same order each time (a trainer's) has the same batches."""
+        key = tuple(map(id, dsts))  # unique while the entry holds the objects
+        kept = self.copies.pop(key, None)
+        if kept is None:
+            kept = (tuple(dsts), ops.BoundCopy(dsts, [len(dsts)], frozen=True))
+            if len(self.copies) >= self._KEPT_COPIES:
+                del self.copies[next(iter(self.copies))]  # the least recently used
+        self.copies[key] = kept
+        return kept[1]
+
+    _KEPT_COPIES = 16  # a few orders of a few batches each
 
 
 def _kept_regions(plan: Plan) -> _Regions:
@@ -420,11 +436,17 @@ class _Consumer:
             dsts, srcs, names = expand(plan, pending, indices)
             if self.pieces_pending:
                 regions = sum(len(pending[i].dsts) for i in indices if isinstance(pending[i], Pieces))
-            try:
-                ops.batched_copy_(dsts, srcs)
-            except RuntimeError:
-                self._refuse(dsts, srcs, names)
-                raise
+            if self.pieces_pending:  # destination views kept by self.kept: the copy too
+                problems = self.kept.bound_copy(dsts)(tuple(srcs), None)
+                if problems is not None:
+                    self._refuse(dsts, srcs, names, problems)
+                    raise AssertionError("the bound copy refused a batch with no pair to name")
+            else:
+                try:
+                    ops.batched_copy_(dsts, srcs)
+                except RuntimeError:
+                    self._refuse(dsts, srcs, names)
+                    raise
         if held is None:
             held = sum(pending[i].held_bytes if isinstance(pending[i], Pieces) else pending[i].nbytes
                        for i in indices)

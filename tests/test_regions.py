@@ -1,6 +1,8 @@
 """Fused and sharded targets: a source tensor into a region of a model tensor (fused
 QKV), a region of a source tensor (its tensor-parallel shard) into a model tensor."""
 
+import random
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -63,15 +65,21 @@ def test_dict_rename_maps_full_names_to_targets():
 
 @pytest.fixture
 def copies(monkeypatch) -> list[int]:
-    """The number of pairs of each batched_copy_ call; a Python copy_ fails the test."""
+    """The number of pairs of each fused copy (a batched_copy_ or BoundCopy call); a
+    Python copy_ fails the test."""
     calls = []
-    real = fastreload.ops.batched_copy_
+    real, bound = fastreload.ops.batched_copy_, fastreload.ops.BoundCopy.__call__
 
     def spy(dsts, srcs):
         calls.append(len(dsts))
         return real(dsts, srcs)
 
+    def bound_spy(self, srcs, on_batch=None):
+        calls.append(len(self))
+        return bound(self, srcs, on_batch)
+
     monkeypatch.setattr(fastreload.ops, "batched_copy_", spy)
+    monkeypatch.setattr(fastreload.ops.BoundCopy, "__call__", bound_spy)
     monkeypatch.setattr(torch.Tensor, "copy_", lambda *a, **k: pytest.fail("a Python copy_"))
     return calls
 
@@ -338,6 +346,29 @@ def test_regions_beside_a_replayed_unit():
 
 def stream(state, order=None):
     return iter([(name, state[name]) for name in (order or state)])
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_repeated_streams_of_regions_write_each_its_own_values(sharded):
+    # Streams repeated with new values, regions whose views are kept (whole sources)
+    # and regions whose views are made anew each time (shards of the sources).
+    model = Attention()
+
+    def rename(name):
+        target = fused_rename(name)
+        if sharded and isinstance(target, Target):
+            return Target(target.name, start=target.start, shard=(1, 2), shard_dim=1)
+        return target
+
+    for round_ in range(12):
+        state = checkpoint(hidden=HIDDEN * 2 if sharded else HIDDEN)
+        state["o_proj.weight"], state["o_proj.bias"] = torch.randn(HIDDEN, HIDDEN), torch.randn(HIDDEN)
+        order = list(state)
+        random.Random(round_ % 3).shuffle(order)
+        reload_layerwise(model, stream(state, order), rename=rename, batch_bytes=1)
+        want = fused(state)[:, HIDDEN:] if sharded else fused(state)
+        assert torch.equal(model.qkv_proj.weight, want), round_
+        assert torch.equal(model.o_proj.weight, state["o_proj.weight"])
 
 
 def test_stream_completes_a_layer_when_its_regions_arrived(copies):

@@ -9,9 +9,9 @@ fused into few calls of the C++ op torch.ops.fastreload.batched_copy_.
 from fastreload import ops, sync
 from fastreload.errors import ReloadError
 from fastreload.model import forget
+from fastreload.recording import Recording, record
 from fastreload.regions import Target
 from fastreload.reload import DEFAULT_BATCH_BYTES, DEFAULT_REPLAY_BATCH_BYTES, reload_layerwise
-from fastreload.replay import Recording, record
 from fastreload.report import ReloadReport
 
 __all__ = ["DEFAULT_BATCH_BYTES", "DEFAULT_REPLAY_BATCH_BYTES", "Recording", "ReloadError", "ReloadReport", "Target", "forget", "ops", "record",

@@ -20,7 +20,8 @@ from fastreload.plan import (Plan, StaleLayout, Work, assemble_regions, check_pa
                              resolve, resolve_exactly)
 from fastreload.regions import Target
 from fastreload.renamed_plan import cached_work, remember
-from fastreload.replay import Replay, ReplayPlan, replay_plan
+from fastreload.replay import Replay
+from fastreload.replay_plan import ReplayPlan, replay_plan
 from fastreload.report import ReloadReport
 from fastreload.sources import open_source
 from fastreload.stream import consume

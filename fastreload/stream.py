@@ -21,7 +21,8 @@ from fastreload.errors import ReloadError
 from fastreload.names import detect_wrappers
 from fastreload.plan import Plan, StaleLayout, expand, not_given, pair_problems, same_values
 from fastreload.regions import Pieces, RegionProblem, Target, region_views
-from fastreload.replay import Replay, ReplayPlan
+from fastreload.replay import Replay
+from fastreload.replay_plan import ReplayPlan
 
 __all__ = ["StreamResult", "consume"]
 

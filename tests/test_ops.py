@@ -994,6 +994,29 @@ def test_frozen_sources_are_checked_in_full_the_first_time():
     assert torch.equal(p, torch.zeros(4)) and torch.equal(q, torch.ones(4))
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_a_bound_copy_does_not_keep_frozen_sources_alive(tmp_path):
+    # Frozen views of a mapped checkpoint, once dropped by their caller, leave the
+    # file unmapped (a deleted checkpoint's disk space is freed), however many calls
+    # the copy remembers.
+    from safetensors.torch import save_file
+
+    from fastreload.safetensors_files import SafetensorsSource
+
+    path = tmp_path / "frozen.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.full((3,), 2.0)}, str(path))
+    p, q = torch.zeros(4), torch.zeros(3)
+    bound = ops.BoundCopy([p, q], [2])
+    source = SafetensorsSource([str(path)])
+    frozen = ops.FrozenTensors([source["a"], source["b"]])
+    assert bound(frozen) is None and bound(frozen) is None
+    assert torch.equal(q, torch.full((3,), 2.0))
+    assert str(path) in Path("/proc/self/maps").read_text()
+    del frozen, source
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert bound((torch.ones(4), torch.ones(3))) is None and torch.equal(q, torch.ones(3))
+
+
 def test_frozen_tensors_refuse_what_has_no_storage_to_alias():
     with pytest.raises(ValueError, match="tensor 1 is not a strided tensor with storage"):
         ops.FrozenTensors([torch.ones(2), torch.ones(2, device="meta")])

@@ -157,7 +157,7 @@ class BoundCopy {
         if (any_refused) {
           refused = pair_problems(facts);
         } else {
-          accepted = remember(std::move(sources), facts, std::move(frozen));
+          accepted = remember(std::move(sources), facts, frozen);
         }
       }
       if (refused.empty()) {
@@ -182,7 +182,9 @@ class BoundCopy {
   struct Accepted {
     Fingerprints sources;
     std::vector<DescribedBatch> batches;
-    std::shared_ptr<const FrozenTensors> frozen;  // the sources, when they were frozen
+    // The sources, when they were frozen: not kept alive here (they may hold mapped
+    // files that were deleted since); a freed one is never seen again.
+    std::weak_ptr<const FrozenTensors> frozen;
   };
 
   // The remembered call whose sources are these tensors again (moved to the front),
@@ -190,7 +192,7 @@ class BoundCopy {
   // are compared like any, and known from then on.
   const Accepted* recall(at::TensorList src, const std::shared_ptr<const FrozenTensors>& frozen) {
     size_t k = 0;
-    while (frozen != nullptr && k < accepted_.size() && accepted_[k]->frozen != frozen) ++k;
+    while (frozen != nullptr && k < accepted_.size() && accepted_[k]->frozen.lock() != frozen) ++k;
     if (frozen == nullptr || k == accepted_.size()) {
       for (k = 0; k < accepted_.size() && !accepted_[k]->sources.all_match(src); ++k) {
       }
@@ -202,8 +204,8 @@ class BoundCopy {
   }
 
   const Accepted* remember(Fingerprints sources, const std::vector<PairFacts>& facts,
-                           std::shared_ptr<const FrozenTensors> frozen) {
-    auto accepted = std::make_unique<Accepted>(Accepted{std::move(sources), {}, std::move(frozen)});
+                           const std::shared_ptr<const FrozenTensors>& frozen) {
+    auto accepted = std::make_unique<Accepted>(Accepted{std::move(sources), {}, frozen});
     int64_t start = 0;
     for (const int64_t stop : stops_) {
       accepted->batches.push_back(describe_pairs(*dsts_, facts, start, stop));

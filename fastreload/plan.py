@@ -315,21 +315,23 @@ def resolve(plan: Plan, source: Mapping[str, torch.Tensor], *, strict: bool,
                 tuple(missing), tuple(unexpected), written_regions)
 
 
-def expand(plan: Plan, values, indices) -> tuple[list, list, list]:
+def expand(plan: Plan, values, indices, names: bool = True) -> tuple[list, list, list]:
     """(dsts, srcs, names) of the targets at indices, a region target as its regions
-    (values: the source value of each target, by index)."""
-    dsts, srcs, names = [], [], []
+    (values: the source value of each target, by index); names empty unless asked."""
+    dsts, srcs, labels = [], [], []
     for i in indices:
         value = values[i]
         if isinstance(value, Pieces):
             dsts += value.dsts
             srcs += value.srcs
-            names += [span[-1] for span in value.spans]
+            if names:
+                labels += [span[-1] for span in value.spans]
         else:
             dsts.append(plan.dsts[i])
             srcs.append(value)
-            names.append(plan.leading[i])
-    return dsts, srcs, names
+            if names:
+                labels.append(plan.leading[i])
+    return dsts, srcs, labels
 
 
 def raise_not_tensors(values: Mapping[str, object]) -> None:

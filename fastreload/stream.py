@@ -60,16 +60,19 @@ class _Regions:
     views: dict = field(default_factory=dict)
     rename: object = None
     known: dict = field(default_factory=dict)
-    copies: dict = field(default_factory=dict)  # see bound_copy
+    copies: dict = field(default_factory=dict)  # see bound_copy: key -> (destinations, copy or None)
 
-    def bound_copy(self, dsts: list[torch.Tensor]) -> ops.BoundCopy:
-        """A copy bound to these destinations (model tensors and views kept here, all
-        watched by `watch`), kept for the next batches of exactly these: a stream sent
-        in the same order each time (a trainer's) has the same batches."""
-        key = tuple(map(id, dsts))  # unique while the entry holds the objects
+    def bound_copy(self, dsts: list[torch.Tensor]) -> ops.BoundCopy | None:
+        """A copy bound to these destinations (model tensors, and views kept here)
+        for a batch of exactly these seen before, or None the first time: a stream
+        sent in the same order each time (a trainer's) has the same batches, and from
+        the second one on each is checked as a repeated reload is, its destinations
+        read once. Not made the first time: a copy kept from then on would sit among
+        the stream's tensors in the heap and keep it from shrinking."""
+        key = tuple(map(id, dsts))  # unique while an entry holds the objects
         kept = self.copies.pop(key, None)
-        if kept is None:
-            kept = (tuple(dsts), ops.BoundCopy(dsts, [len(dsts)], frozen=True))
+        if kept is None or kept[1] is None:
+            kept = (tuple(dsts), None if kept is None else ops.BoundCopy(dsts, [len(dsts)]))
             if len(self.copies) >= self._KEPT_COPIES:
                 del self.copies[next(iter(self.copies))]  # the least recently used
         self.copies[key] = kept
@@ -434,20 +437,21 @@ class _Consumer:
                 self._refuse(list(dsts), list(srcs), names, problems)
                 raise AssertionError("the bound copy refused a batch with no pair to name")
         else:
-            dsts, srcs, names = expand(plan, pending, indices)
+            dsts, srcs, _ = expand(plan, pending, indices, names=False)
             if self.pieces_pending:
                 regions = sum(len(pending[i].dsts) for i in indices if isinstance(pending[i], Pieces))
-            if self.pieces_pending:  # destination views kept by self.kept: the copy too
-                problems = self.kept.bound_copy(dsts)(tuple(srcs), None)
-                if problems is not None:
-                    self._refuse(dsts, srcs, names, problems)
-                    raise AssertionError("the bound copy refused a batch with no pair to name")
-            else:
+            bound = self.kept.bound_copy(dsts)
+            if bound is None:
                 try:
                     ops.batched_copy_(dsts, srcs)
                 except RuntimeError:
-                    self._refuse(dsts, srcs, names)
+                    self._refuse(dsts, srcs, expand(plan, pending, indices)[2])
                     raise
+            else:
+                problems = bound(tuple(srcs), None)
+                if problems is not None:
+                    self._refuse(dsts, srcs, expand(plan, pending, indices)[2], problems)
+                    raise AssertionError("the bound copy refused a batch with no pair to name")
         if held is None:
             held = sum(pending[i].held_bytes if isinstance(pending[i], Pieces) else pending[i].nbytes
                        for i in indices)
